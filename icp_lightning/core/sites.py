@@ -1,0 +1,312 @@
+"""Feature sites: which hidden features exist and where they are read.
+
+A *feature* h_{l,i} is one input column of a target linear layer (or a block of ``head_dim`` columns for an
+attention head). The weights ``theta_{l+1,:,i}`` that read it are what pruning later zeroes. Sites are chosen
+PEFT-style (``target_modules`` / ``exclude_modules``), with per-``model_type`` defaults: the FFN
+down-projection and the attention output projection of every layer.
+
+Example:
+    >>> import transformers
+    >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+    ...                               num_attention_heads=4, intermediate_size=24)
+    >>> model = transformers.BertForSequenceClassification(cfg)
+    >>> sites = find_sites(model)
+    >>> sites.names[:2]
+    ['bert.encoder.layer.0.attention.output.dense', 'bert.encoder.layer.0.output.dense']
+    >>> sites["bert.encoder.layer.0.output.dense"].n_features
+    24
+    >>> find_sites(model, granularity="head").total_features
+    8
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style layers store the weight transposed; they count as linear.
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a hard dependency, but keep core importable
+    Conv1D = None  # type: ignore[assignment,misc]
+
+Granularity = Literal["neuron", "head"]
+SiteKind = Literal["ffn", "attn", "other"]
+
+#: Per-``model_type`` defaults: (regex of FFN down-projections, regex of attention output projections),
+#: matched with ``re.fullmatch`` on the module's full name.
+DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
+    "bert": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
+    "roberta": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
+    "xlm-roberta": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
+    "distilbert": (r".*layer\.\d+\.ffn\.lin2", r".*layer\.\d+\.attention\.out_lin"),
+    "gpt2": (r".*h\.\d+\.mlp\.c_proj", r".*h\.\d+\.attn\.c_proj"),
+    "llama": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
+    "mistral": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
+    "qwen2": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
+    "t5": (
+        r".*block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+        r".*block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
+    ),
+}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` (and subclasses) and GPT-2's transposed ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The plain linear layer inside a PEFT adapter wrapper (``lora.Linear.base_layer``), else the module."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) and is_linear(base) else module
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True when the weight is stored ``[in_features, out_features]`` (GPT-2 ``Conv1D``)."""
+    base = _base_layer(module)
+    return Conv1D is not None and isinstance(base, Conv1D)
+
+
+def in_features_of(module: nn.Module) -> int:
+    """Number of input columns of a linear-like module."""
+    base = _base_layer(module)
+    weight = base.weight
+    return int(weight.shape[0] if is_transposed(base) else weight.shape[1])
+
+
+def _is_target_candidate(module: nn.Module) -> bool:
+    if is_linear(module):
+        return True
+    base = getattr(module, "base_layer", None)  # a PEFT-wrapped linear layer
+    return isinstance(base, nn.Module) and is_linear(base)
+
+
+def _matches(name: str, pattern: str | Sequence[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _n_heads(config: object) -> int | None:
+    for attr in ("num_attention_heads", "n_head", "n_heads", "num_heads"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One target linear layer whose input columns are features.
+
+    Attributes:
+        name: the module's full name, as in ``model.named_modules()``.
+        module: the module itself.
+        n_features: how many features (neurons, or heads).
+        group_size: input columns per feature (1 for neurons, ``head_dim`` for heads).
+        kind: ``"ffn"`` / ``"attn"`` for the architecture's known FFN / attention output projections.
+    """
+
+    name: str
+    module: nn.Module
+    n_features: int
+    group_size: int = 1
+    kind: SiteKind = "other"
+
+    @property
+    def in_features(self) -> int:
+        """Input columns of the layer (``n_features * group_size``)."""
+        return self.n_features * self.group_size
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored transposed (GPT-2 ``Conv1D``)."""
+        return is_transposed(self.module)
+
+    def columns(self, feature: int) -> slice:
+        """The input columns of one feature."""
+        if not 0 <= feature < self.n_features:
+            raise IndexError(f"feature {feature} out of range for site {self.name!r} ({self.n_features})")
+        return slice(feature * self.group_size, (feature + 1) * self.group_size)
+
+    def column_mask(self, features: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """A boolean ``[in_features]`` mask that is True on the columns of ``features``."""
+        feats = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        mask = torch.zeros(self.n_features, dtype=torch.bool)
+        mask[feats] = True
+        return mask.repeat_interleave(self.group_size)
+
+    def expand(self, per_feature: torch.Tensor) -> torch.Tensor:
+        """Expand a ``[..., n_features]`` tensor to ``[..., in_features]`` (one value per column)."""
+        return per_feature.repeat_interleave(self.group_size, dim=-1)
+
+
+class Sites(Mapping[str, Site]):
+    """An ordered mapping ``site name -> Site``, printable as a table.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
+        >>> sites = find_sites(transformers.GPT2LMHeadModel(cfg), target_modules=["mlp.c_proj"])
+        >>> print(sites)  # doctest: +NORMALIZE_WHITESPACE
+        site                      kind  features  cols/feature
+        transformer.h.0.mlp.c_proj ffn  64        1
+        1 site, 64 features
+    """
+
+    def __init__(self, sites: Sequence[Site], granularity: Granularity = "neuron") -> None:
+        self._sites = {s.name: s for s in sites}
+        self.granularity: Granularity = granularity
+
+    def __getitem__(self, name: str) -> Site:
+        try:
+            return self._sites[name]
+        except KeyError:
+            raise KeyError(f"no site named {name!r}; sites are: {list(self._sites)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    @property
+    def names(self) -> list[str]:
+        """Site names in model order."""
+        return list(self._sites)
+
+    @property
+    def total_features(self) -> int:
+        """Features over all sites."""
+        return sum(s.n_features for s in self._sites.values())
+
+    def subset(self, names: Sequence[str]) -> Sites:
+        """A ``Sites`` with only ``names`` (in model order)."""
+        wanted = set(names)
+        missing = wanted - set(self._sites)
+        if missing:
+            raise KeyError(f"unknown sites {sorted(missing)}; sites are: {list(self._sites)}")
+        return Sites([s for n, s in self._sites.items() if n in wanted], self.granularity)
+
+    def summary(self) -> list[dict[str, object]]:
+        """One dict per site (name, kind, n_features, group_size): JSON-friendly."""
+        return [
+            {"name": s.name, "kind": s.kind, "n_features": s.n_features, "group_size": s.group_size}
+            for s in self._sites.values()
+        ]
+
+    def __repr__(self) -> str:
+        rows = [("site", "kind", "features", "cols/feature")]
+        rows += [(s.name, s.kind, str(s.n_features), str(s.group_size)) for s in self._sites.values()]
+        width = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+        n = len(self._sites)
+        lines.append(f"{n} site{'s' if n != 1 else ''}, {self.total_features} features")
+        return "\n".join(lines)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every linear-like module (what ``target_modules`` can match)."""
+    return [n for n, m in model.named_modules() if n and _is_target_candidate(m) and not _is_inside_adapter(n)]
+
+
+def _is_inside_adapter(name: str) -> bool:
+    # PEFT puts its own Linear layers (lora_A / lora_B / base_layer) under the wrapped module.
+    parts = name.split(".")
+    return any(p in ("lora_A", "lora_B", "base_layer", "lora_magnitude_vector") for p in parts)
+
+
+def find_sites(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    granularity: Granularity = "neuron",
+) -> Sites:
+    """Find the feature sites of a model.
+
+    Args:
+        model: any ``nn.Module``; Hugging Face models get per-``model_type`` defaults.
+        target_modules: a regex (``re.fullmatch`` on the full module name) or a list of names, each matching a
+            module's full name or its last dotted parts (``"mlp.c_proj"``). ``None``: the architecture's FFN
+            down-projections and attention output projections (``"head"``: attention output projections only).
+        exclude_modules: same forms; a module matched here is never a site, whatever ``target_modules`` says.
+        granularity: ``"neuron"`` (one feature per input column) or ``"head"`` (one per attention head,
+            ``head_dim`` columns each, head count read from ``model.config``).
+
+    Returns:
+        The sites in model order.
+
+    Raises:
+        ValueError: nothing matched, an unknown granularity, no default for this architecture, or ``"head"`` on
+            a module that is not an attention output projection. The message lists the linear modules that
+            exist.
+    """
+    if granularity not in ("neuron", "head"):
+        raise ValueError(f"granularity must be 'neuron' or 'head', got {granularity!r}")
+    model_type = _model_type(model)
+    defaults = DEFAULT_TARGETS.get(model_type or "")
+    available = linear_module_names(model)
+    if target_modules is None:
+        if defaults is None:
+            raise ValueError(
+                f"no default target_modules for model_type={model_type!r} (defaults exist for "
+                f"{sorted(DEFAULT_TARGETS)}); pass target_modules=. Linear modules: {_short(available)}"
+            )
+        ffn, attn = defaults
+        target_modules = attn if granularity == "head" else f"(?:{ffn})|(?:{attn})"
+    if isinstance(target_modules, (list, tuple)) and not target_modules:
+        raise ValueError("target_modules is an empty list; pass None for the architecture's defaults")
+
+    config = getattr(model, "config", None)
+    n_heads = _n_heads(config) if config is not None else None
+    modules = dict(model.named_modules())
+    sites: list[Site] = []
+    for name in available:
+        if not _matches(name, target_modules):
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        module = modules[name]
+        kind: SiteKind = "other"
+        if defaults is not None:
+            if re.fullmatch(defaults[0], name):
+                kind = "ffn"
+            elif re.fullmatch(defaults[1], name):
+                kind = "attn"
+        n_in = in_features_of(module)
+        if granularity == "head":
+            if kind != "attn":
+                attn_names = [n for n in available if defaults and re.fullmatch(defaults[1], n)]
+                raise ValueError(
+                    f"granularity='head' needs attention output projections, but {name!r} is not one "
+                    f"(model_type={model_type!r}). Attention output projections: {_short(attn_names)}"
+                )
+            if n_heads is None or n_in % n_heads:
+                raise ValueError(
+                    f"cannot split {name!r} ({n_in} inputs) into heads: config head count is {n_heads}"
+                )
+            sites.append(Site(name, module, n_heads, n_in // n_heads, kind))
+        else:
+            sites.append(Site(name, module, n_in, 1, kind))
+    if not sites:
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no linear "
+            f"module. Linear modules that exist: {_short(available)}"
+        )
+    return Sites(sites, granularity)
+
+
+def _short(names: Sequence[str], limit: int = 40) -> str:
+    if len(names) <= limit:
+        return str(list(names))
+    return str(list(names[:limit]))[:-1] + f", ... ({len(names) - limit} more)]"
