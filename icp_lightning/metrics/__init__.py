@@ -1,0 +1,60 @@
+"""Reliability metrics: calibration, group fairness, group accuracy, counterfactual flips, LM likelihood scores.
+
+Functions (pure torch) live in :mod:`~icp_lightning.metrics.functional` and :mod:`~icp_lightning.metrics.lm`;
+``torchmetrics.Metric`` classes with fixed-size, sum-reduced states in :mod:`~icp_lightning.metrics.classes`;
+:class:`ReliabilityMetrics` bundles them for one evaluation set.
+"""
+
+from icp_lightning.metrics.classes import (
+    CounterfactualFlipRate,
+    DemographicParityDifference,
+    EqualOpportunityDifference,
+    ExpectedCalibrationError,
+    GroupAccuracy,
+    WorstGroupAccuracy,
+)
+from icp_lightning.metrics.functional import (
+    counterfactual_flip_rate,
+    demographic_parity_difference,
+    equal_opportunity_difference,
+    expected_calibration_error,
+    group_accuracies,
+    negative_log_likelihood,
+    worst_group_accuracy,
+)
+from icp_lightning.metrics.lm import (
+    continuation_logprobs,
+    multiple_choice_accuracy,
+    perplexity,
+    score_token_ids,
+    sentence_logprobs,
+    sequence_logprob,
+    stereotype_score,
+    yes_no_accuracy,
+)
+from icp_lightning.metrics.reliability import ReliabilityMetrics
+
+__all__ = [
+    "CounterfactualFlipRate",
+    "DemographicParityDifference",
+    "EqualOpportunityDifference",
+    "ExpectedCalibrationError",
+    "GroupAccuracy",
+    "ReliabilityMetrics",
+    "WorstGroupAccuracy",
+    "continuation_logprobs",
+    "counterfactual_flip_rate",
+    "demographic_parity_difference",
+    "equal_opportunity_difference",
+    "expected_calibration_error",
+    "group_accuracies",
+    "multiple_choice_accuracy",
+    "negative_log_likelihood",
+    "perplexity",
+    "score_token_ids",
+    "sentence_logprobs",
+    "sequence_logprob",
+    "stereotype_score",
+    "worst_group_accuracy",
+    "yes_no_accuracy",
+]
