@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 venv: .venv/.installed
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
 
 lint: venv
 	.venv/bin/ruff format --check icp_lightning tests benchmarks examples

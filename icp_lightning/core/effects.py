@@ -64,7 +64,7 @@ from icp_lightning.core.interventions import (
     partner_permutation,
 )
 from icp_lightning.core.results import SiteValues
-from icp_lightning.core.sites import Site, Sites, is_linear
+from icp_lightning.core.sites import Site, Sites
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -170,7 +170,11 @@ def _length_buckets(
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
                 value = value[idx.to(value.device)]
-                if value.dim() >= 2 and value.shape[1] == t_full and (seq_dim_keys is None or key in seq_dim_keys):
+                if (
+                    value.dim() >= 2
+                    and value.shape[1] == t_full
+                    and (seq_dim_keys is None or key in seq_dim_keys)
+                ):
                     value = value[:, :keep]
             sub[key] = value
         out.append((idx, sub, keep))
@@ -260,7 +264,11 @@ def _prefix_plan(trace: _Trace, site_start: int) -> dict[int, tuple[nn.Module, l
 
     def nested(c: _Call) -> bool:
         # inside a patched call (but not the call itself)
-        return any(s < c.start and c.end <= e for s, e in spans) if c.end != -1 else any(s < c.start <= e for s, e in spans)
+        return (
+            any(s < c.start and c.end <= e for s, e in spans)
+            if c.end != -1
+            else any(s < c.start <= e for s, e in spans)
+        )
 
     plan: dict[int, tuple[nn.Module, list[Any]]] = {}
     for c in trace.calls:
@@ -289,7 +297,9 @@ class _Replay:
             orig = module.forward
             counter = [0]
 
-            def forward(*args: Any, _seq: list = seq, _orig: Any = orig, _c: list = counter, **kwargs: Any) -> Any:
+            def forward(
+                *args: Any, _seq: list = seq, _orig: Any = orig, _c: list = counter, **kwargs: Any
+            ) -> Any:
                 i = _c[0]
                 _c[0] += 1
                 entry = _seq[i] if i < len(_seq) else None
@@ -309,45 +319,45 @@ class _Replay:
 
 
 class _SitePatch:
-    """Replace the site's forward by ``y + (v - h)[cols] @ W[:, cols]^T`` for K features x N examples."""
+    """Replace the site's forward for K features x N examples at once.
 
-    def __init__(self, site: Site, y: torch.Tensor, delta: torch.Tensor, feats: torch.Tensor, use_rank1: bool):
-        self.site, self.y, self.delta, self.feats, self.use_rank1 = site, y, delta, feats, use_rank1
+    Plain linear layers: ``y + (v - h)[..., cols_k] @ W[:, cols_k]^T`` (the rank-``group_size`` identity, no
+    recomputation of the layer). Other layers (PEFT adapters, hooked layers): the layer is recomputed on
+    ``h + delta_k``, still without running anything before the site.
+    """
+
+    def __init__(
+        self, site: Site, h: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, feats: torch.Tensor
+    ) -> None:
+        self.site, self.h, self.y, self.delta, self.feats = site, h, y, delta, feats
+        self.use_rank1 = _rank1_ok(site.module)
+
+    def _cols(self) -> torch.Tensor:
+        g = self.site.group_size
+        feats = self.feats.to(self.delta.device)
+        return feats[:, None] * g + torch.arange(g, device=feats.device)[None, :]  # [K, g]
 
     def output(self) -> torch.Tensor:
-        site, y, delta, feats = self.site, self.y, self.delta, self.feats
-        n = y.shape[0]
-        k = feats.numel()
-        g = site.group_size
-        cols = (feats[:, None] * g + torch.arange(g, device=feats.device)[None, :]).to(delta.device)  # [K, g]
+        site, y, delta = self.site, self.y, self.delta
+        n, k = y.shape[0], self.feats.numel()
+        cols = self._cols()
         d = delta.reshape(n, -1, delta.shape[-1])  # [N, P, C]
         if self.use_rank1:
-            dk = d[:, :, cols]  # [N, P, K, g]
             weight = site.module.weight
+            assert isinstance(weight, torch.Tensor)
             w = weight[cols] if site.transposed else weight.t()[cols]  # [K, g, O]
-            upd = torch.einsum("npkg,kgo->knpo", dk.to(w.dtype), w)
+            upd = torch.einsum("npkg,kgo->knpo", d[:, :, cols].to(w.dtype), w)
             out = y.reshape(n, -1, y.shape[-1]).unsqueeze(0) + upd.to(y.dtype)
             return out.reshape(k * n, *y.shape[1:])
-        # General path (adapters, hooked layers): recompute the site layer on h + delta.
-        h_rows = torch.zeros(k, *d.shape, dtype=d.dtype, device=d.device)
-        sel = torch.zeros(k, d.shape[-1], dtype=d.dtype, device=d.device)
-        sel.scatter_(1, cols, 1.0)
-        h_rows = d.unsqueeze(0) * sel[:, None, None, :]
-        return h_rows  # caller adds h and runs the layer
+        sel = torch.zeros(k, d.shape[-1], dtype=d.dtype, device=d.device).scatter_(1, cols, 1.0)
+        h = self.h.reshape(n, -1, self.h.shape[-1])
+        rows = (h.unsqueeze(0) + d.unsqueeze(0) * sel[:, None, None, :]).reshape(k * n, *self.h.shape[1:])
+        return self._orig(rows)
 
     def __enter__(self) -> _SitePatch:
         module = self.site.module
-        orig = module.forward
-        self._orig = orig
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.use_rank1:
-                return self.output()
-            h = self._h.reshape(self._h.shape[0], -1, self._h.shape[-1])
-            rows = (h.unsqueeze(0) + self.output()).reshape(-1, *self._h.shape[1:])
-            return orig(rows)
-
-        module.forward = forward  # type: ignore[method-assign]
+        self._orig = module.forward
+        module.forward = lambda *args, **kwargs: self.output()  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -441,7 +451,9 @@ def _effect_totals(m0: torch.Tensor, m: torch.Tensor, batch_metric: bool, n: int
     return (m0.unsqueeze(0) - m).sum(1)
 
 
-def _chunk_size(site: Site, h: torch.Tensor, n: int, budget_bytes: float, rows: int | None, width: int) -> int:
+def _chunk_size(
+    site: Site, h: torch.Tensor, n: int, budget_bytes: float, rows: int | None, width: int
+) -> int:
     if rows is not None:
         return max(1, rows // max(n, 1))
     positions = max(1, h[0].numel() // h.shape[-1])
@@ -496,9 +508,7 @@ class _Engine:
                 iv = Intervention("swap", source={name: source[name]})
             delta = iv.value(name, h) - h
             k = _chunk_size(site, h, n, self.budget, self.rows, self.width)
-            use_replay = (
-                self.replay != "never" and trace.site_calls.get(name) == 1 and name in trace.site_out
-            )
+            use_replay = self.replay != "never" and trace.site_calls.get(name) == 1 and name in trace.site_out
             if use_replay and name not in self.checked:
                 self.checked[name] = self._check_replay(trace, site, h, batch, m0, n)
                 if not self.checked[name]:
@@ -506,7 +516,8 @@ class _Engine:
                     if self.replay == "always":
                         raise RuntimeError(f"suffix replay does not reproduce the clean forward at {name!r}")
                     warnings.warn(
-                        f"suffix replay is not exact at {name!r}; using batched full forwards there", stacklevel=3
+                        f"suffix replay is not exact at {name!r}; using batched full forwards there",
+                        stacklevel=3,
                     )
             use_replay = use_replay and self.checked.get(name, False)
             plan = _prefix_plan(trace, trace.site_start[name]) if use_replay else {}
@@ -515,9 +526,7 @@ class _Engine:
                 kk = chunk.numel()
                 big_inputs = _repeat_rows(inputs, kk, n)
                 if use_replay:
-                    patch = _SitePatch(site, trace.site_out[name], delta, chunk, _rank1_ok(site.module))
-                    patch._h = h
-                    with _Replay(plan, kk, n), patch:
+                    with _Replay(plan, kk, n), _SitePatch(site, h, trace.site_out[name], delta, chunk):
                         out = model(**big_inputs)
                 else:
                     with _RowIntervention(site, delta, chunk):
@@ -534,14 +543,14 @@ class _Engine:
         plan = _prefix_plan(trace, trace.site_start[site.name])
         zero = torch.zeros_like(h)
         feats = torch.zeros(1, dtype=torch.long, device=h.device)
-        patch = _SitePatch(site, trace.site_out[site.name], zero, feats, _rank1_ok(site.module))
-        patch._h = h
         try:
-            with _Replay(plan, 1, n), patch:
+            with _Replay(plan, 1, n), _SitePatch(site, h, trace.site_out[site.name], zero, feats):
                 out = self.model(**model_inputs(self.model, batch))
             m = _metric_rows(self.metric, out, batch, 1, n)[0]
         except Exception as err:  # an architecture the replay cannot handle: fall back, exactly
-            warnings.warn(f"suffix replay failed at {site.name!r} ({type(err).__name__}: {err})", stacklevel=4)
+            warnings.warn(
+                f"suffix replay failed at {site.name!r} ({type(err).__name__}: {err})", stacklevel=4
+            )
             return False
         scale = 1.0 + float(m0.abs().max()) if m0.numel() else 1.0
         return bool(torch.allclose(m.reshape(m0.shape), m0, atol=1e-5 * scale, rtol=1e-5))
@@ -765,10 +774,12 @@ def _gradient(
         hs: dict[str, torch.Tensor] = {}
         handles = []
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict, _name: str = "") -> Any:
+        def pre(
+            module: nn.Module, args: tuple, kwargs: dict, _name: str = "", _zs: dict = zs, _hs: dict = hs
+        ) -> Any:
             h = args[0] if args else kwargs["input"]
             z = torch.zeros_like(h, requires_grad=True)
-            zs[_name], hs[_name] = z, h.detach()
+            _zs[_name], _hs[_name] = z, h.detach()
             new = h + z
             if args:
                 return (new, *args[1:]), kwargs
@@ -780,7 +791,7 @@ def _gradient(
             for name, site in sites.items():
                 handles.append(
                     site.module.register_forward_pre_hook(
-                        lambda m, a, k, _n=name: pre(m, a, k, _n), with_kwargs=True
+                        lambda m, a, k, _n=name, _pre=pre: _pre(m, a, k, _n), with_kwargs=True
                     )
                 )
             with torch.enable_grad():
@@ -790,8 +801,8 @@ def _gradient(
                 names = list(zs)
                 grads = torch.autograd.grad(total, [zs[k] for k in names], allow_unused=True)
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
         for name, grad in zip(names, grads):
             site = sites[name]
             h = hs[name]
@@ -808,7 +819,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two 1-D tensors (average ranks for ties).
 
     Example:
-        >>> spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0]))
+        >>> round(spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0])), 6)
         0.5
     """
     if a.numel() != b.numel() or a.numel() < 2:

@@ -98,7 +98,9 @@ def _as_column_mask(sites: Sites, name: str, features: Any, device: torch.device
     else:
         feats = torch.as_tensor(features, dtype=torch.long).reshape(-1)
     if feats.numel() and (int(feats.min()) < 0 or int(feats.max()) >= site.n_features):
-        raise ValueError(f"feature indices for {name!r} must lie in [0, {site.n_features}), got {feats.tolist()}")
+        raise ValueError(
+            f"feature indices for {name!r} must lie in [0, {site.n_features}), got {feats.tolist()}"
+        )
     return site.column_mask(feats).to(device)
 
 
@@ -117,7 +119,9 @@ def intervene(
         for name, feats in features.items():
             site = sites[name]
 
-            def pre_hook(module: nn.Module, args: tuple, kwargs: dict, _name: str = name, _feats: Any = feats):
+            def pre_hook(
+                module: nn.Module, args: tuple, kwargs: dict, _name: str = name, _feats: Any = feats
+            ):
                 h = args[0] if args else kwargs["input"]
                 cols = _as_column_mask(sites, _name, _feats, h.device)
                 v = intervention.value(_name, h)

@@ -76,6 +76,7 @@ def in_features_of(module: nn.Module) -> int:
     """Number of input columns of a linear-like module."""
     base = _base_layer(module)
     weight = base.weight
+    assert isinstance(weight, torch.Tensor)
     return int(weight.shape[0] if is_transposed(base) else weight.shape[1])
 
 
@@ -217,7 +218,9 @@ class Sites(Mapping[str, Site]):
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Names of every linear-like module (what ``target_modules`` can match)."""
-    return [n for n, m in model.named_modules() if n and _is_target_candidate(m) and not _is_inside_adapter(n)]
+    return [
+        n for n, m in model.named_modules() if n and _is_target_candidate(m) and not _is_inside_adapter(n)
+    ]
 
 
 def _is_inside_adapter(name: str) -> bool:
