@@ -138,10 +138,10 @@ def _has_mask(module: nn.Module) -> bool:
     return module._buffers.get(MASK_BUFFER) is not None
 
 
-def _masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _masked_modules(model: nn.Module, warn: bool = True) -> list[tuple[str, nn.Module]]:
     found = [(n, m) for n, m in model.named_modules() if _has_mask(m)]
     stray = [n for n, _ in found if n.endswith(".base_layer")]
-    if stray:
+    if stray and warn:
         warnings.warn(
             f"masks sit on PEFT base layers {stray}: the adapter path reads the unmasked input. Masks were "
             "applied before get_peft_model; call remove_masks(model) and apply them again on the wrapped model",
@@ -156,6 +156,11 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
     return weight
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective), else the tensor itself."""
+    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 
 def _install(module: nn.Module, per_feature: torch.Tensor) -> None:
@@ -332,7 +337,7 @@ def remove_masks(model: nn.Module) -> None:
         >>> [k for k in model.state_dict() if k.endswith("icp_mask")]
         []
     """
-    for _, module in _masked_modules(model):
+    for _, module in _masked_modules(model, warn=False):
         _uninstall(module)
 
 
@@ -354,9 +359,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
         >>> bool(torch.equal(effective_weight(layer), layer.weight * torch.tensor([1.0, 0.5, 0.0])))
         True
     """
-    weight = _weight_of(module)
-    if DTensor is not None and isinstance(weight, DTensor):
-        weight = weight.full_tensor()
+    weight = _full(_weight_of(module))
     if is_transposed(module):
         weight = weight.t()
     if getattr(module, "base_layer", None) is not None:
@@ -367,7 +370,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
             for adapter in getattr(module, "active_adapters", []):
                 if adapter not in lora.lora_A or adapter in merged:
                     continue
-                a, b = lora.lora_A[adapter].weight, lora.lora_B[adapter].weight
+                a, b = _full(lora.lora_A[adapter].weight), _full(lora.lora_B[adapter].weight)
                 weight = weight + (b @ a) * lora.scaling[adapter]
     if _has_mask(module):
         weight = weight * _column_mask(module).to(weight.dtype)
