@@ -1,0 +1,744 @@
+r"""CausalAttributionCallback: causal effects and spuriousness scores of a Hugging Face model, during ``fit``.
+
+Every ``every_n_epochs`` epochs (at the end of validation, or of the training epoch) the callback computes the
+causal effect of each intervention on each feature of each site, for each metric and data set, with
+:func:`~icp_lightning.core.effects.causal_effects`, and combines them into spuriousness scores with
+:func:`~icp_lightning.core.scores.spuriousness`. No maths lives here: the callback chooses data, shards it over
+processes, reduces the results, logs them and tells its listeners (the
+:class:`~icp_lightning.callbacks.pruning.CausalPruningCallback`) and the LightningModule (``set_scores``).
+
+Processes (DDP, FSDP2): batch ``i`` of each attribution data set goes to the data-parallel rank
+``i % world_size``; each rank computes the effects of its batches, then the float64 ``sums`` and ``counts`` of
+the effects are all-reduced (``trainer.strategy.reduce(..., reduce_op="sum")``), so every rank holds the
+same effects, equal to a single-process run over the same batches (up to float64 summation order), and
+computes the same scores from them.
+
+Masks already on the model (an earlier pruning round) are folded into the weights while effects are computed
+(the weights are restored bit for bit afterwards): the engine then sees the model that the forward really
+computes, keeps its fast suffix replay, and a pruned feature has an effect of exactly zero.
+
+Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) the parameters are gathered once before the
+attribution and kept unsharded until it ends (``FSDPModule.unshard`` with ``reshard_after_forward`` off), so
+the ranks, which do different numbers of forwards, never wait on each other's collectives; this needs the
+memory of the full model on every rank for the duration. FSDP1 (``FSDPStrategy``) is not supported.
+
+Example:
+    >>> cb = CausalAttributionCallback(interventions=("mask", "scale"), dataset_weights={"id": 1.0, "ood": -1.0})
+    >>> cb.interventions, cb.every_n_epochs
+    (('mask', 'scale'), 1)
+    >>> CausalAttributionCallback(method="fast")
+    Traceback (most recent call last):
+    ...
+    ValueError: method must be one of ('exact', 'gradient', 'screened'), got 'fast'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from icp_lightning.core.effect_metrics import METRICS, metric_name
+from icp_lightning.core.effects import METHODS, Effects, causal_effects
+from icp_lightning.core.interventions import INTERVENTIONS
+from icp_lightning.core.masks import apply_masks, get_masks, make_permanent
+from icp_lightning.core.scores import Scores, spuriousness
+from icp_lightning.core.sites import Site, Sites, find_sites, in_features_of
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AttributionListener", "CausalAttributionCallback"]
+
+#: Called after every attribution round with ``(trainer, pl_module, attribution_callback)``.
+AttributionListener = Callable[["pl.Trainer", "pl.LightningModule", "CausalAttributionCallback"], None]
+
+_ON = ("validation_epoch_end", "train_epoch_end")
+_GRANULARITIES = ("neuron", "head")
+_REDUCTIONS = ("signed", "abs")
+
+
+def _effect_key(intervention: str, metric: str, dataset: str) -> str:
+    return f"{intervention}|{metric}|{dataset}"
+
+
+def _check_weights(weights: Mapping[str, float] | None, allowed: Sequence[str], what: str) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"{what}_weights must be a mapping name -> float, got {type(weights).__name__}")
+    missing = [k for k in allowed if k not in weights]
+    unknown = [k for k in weights if k not in allowed]
+    if missing or unknown:
+        raise ValueError(
+            f"{what}_weights must give one weight per {what} {list(allowed)}: missing {missing}, unknown {unknown}"
+        )
+    for key, value in weights.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{what}_weights[{key!r}] must be a finite number, got {value!r}")
+
+
+class CausalAttributionCallback(Callback):
+    """Compute causal effects and spuriousness scores every ``every_n_epochs`` epochs of ``fit``.
+
+    Args:
+        target_modules: which linear layers are sites (see :func:`~icp_lightning.core.sites.find_sites`);
+            ``None``: the architecture's FFN down-projections and attention output projections.
+        exclude_modules: layers that are never sites.
+        granularity: ``"neuron"`` (one feature per input column) or ``"head"`` (one per attention head).
+        interventions: any of ``"mask"``, ``"scale"``, ``"swap"``, ``"mean"``.
+        alpha: the factor of ``"scale"``.
+        metrics: built-in metric names (``"label_logprob"``, ``"label_prob"``, ``"accuracy"``, ``"neg_loss"``,
+            ``"margin"``, ``"target_logprob"``) or callables ``m(outputs, batch) -> Tensor[batch]``.
+        intervention_weights, metric_weights: one weight per intervention / metric (default 1 each).
+        dataset_weights: one weight per attribution data set, e.g. ``{"id": 1.0, "ood": -1.0}`` (default 1 each).
+        reduction: ``"signed"`` (contrast data sets: finds shortcuts) or ``"abs"`` (rank importance).
+        attribution_data: data set name -> a ``DataLoader`` (any iterable of dict batches), or -> the name of one
+            of the validation dataloaders (see below). ``None``: all validation dataloaders. Validation
+            dataloaders come from ``datamodule.val_dataloader()``, else ``LightningModule.val_dataloader()``,
+            else the ``val_dataloaders`` given to ``fit``; a dict is named by its keys, a list by the
+            ``val_set_names`` (or ``eval_sets``) attribute of the datamodule / module, else ``val_0``, ``val_1``,
+            ...; a single dataloader is named ``val``. Give plain (not distributed) dataloaders without
+            shuffling: the callback shards batches over ranks itself.
+        method: ``"exact"``, ``"gradient"`` or ``"screened"`` (see :func:`~icp_lightning.core.effects.causal_effects`).
+        max_batches: at most this many batches of each data set (over all ranks together); ``None``: all.
+        every_n_epochs: attribute after epochs ``every_n_epochs - 1``, ``2 * every_n_epochs - 1``, ...
+        on: ``"validation_epoch_end"`` (after validation; skipped in epochs without validation) or
+            ``"train_epoch_end"``.
+        model_attr: dotted attribute path of the Hugging Face model in the LightningModule. ``None``:
+            ``pl_module.model`` if that is a module, else the LightningModule itself.
+        top_k_log: how many top features the logged table and the JSON summary list.
+        progress: show the engine's progress bar (on global rank 0 only).
+        save_dir: where ``scores_epoch{E}.pt`` / ``.json`` go. ``None``: ``trainer.log_dir`` (the logger's
+            directory, or ``default_root_dir`` without logger).
+
+    Attributes:
+        sites: the resolved :class:`~icp_lightning.core.sites.Sites` (after ``setup``).
+        scores: the latest :class:`~icp_lightning.core.scores.Scores` (``None`` before the first round).
+        effects: the latest effects, ``{(intervention, metric, dataset): Effects}``.
+        round: how many attribution rounds have run.
+        epoch: the epoch of the latest round.
+
+    Raises:
+        ValueError: an argument outside its allowed values (the message lists them).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> attribution = CausalAttributionCallback(max_batches=4, dataset_weights={"id": 1.0, "ood": -1.0})
+        >>> trainer = pl.Trainer(callbacks=[attribution], max_epochs=2)  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=dm)  # val_dataloader() returns {"id": ..., "ood": ...}  # doctest: +SKIP
+        >>> attribution.scores.top_k(5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target_modules: str | Sequence[str] | None = None,
+        exclude_modules: str | Sequence[str] | None = None,
+        granularity: Literal["neuron", "head"] = "neuron",
+        interventions: Sequence[Literal["mask", "scale", "swap", "mean"]] = ("mask",),
+        alpha: float = 0.5,
+        metrics: Sequence[str | Callable[..., Any]] = ("label_logprob",),
+        intervention_weights: Mapping[str, float] | None = None,
+        metric_weights: Mapping[str, float] | None = None,
+        dataset_weights: Mapping[str, float] | None = None,
+        reduction: Literal["signed", "abs"] = "signed",
+        attribution_data: Mapping[str, Any] | None = None,
+        method: Literal["exact", "gradient", "screened"] = "exact",
+        max_batches: int | None = 8,
+        every_n_epochs: int = 1,
+        on: Literal["validation_epoch_end", "train_epoch_end"] = "validation_epoch_end",
+        model_attr: str | None = None,
+        top_k_log: int = 20,
+        progress: bool = True,
+        save_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        if isinstance(interventions, str):
+            interventions = (interventions,)  # type: ignore[assignment]
+        interventions = tuple(interventions)
+        bad = [i for i in interventions if i not in INTERVENTIONS]
+        if not interventions or bad:
+            raise ValueError(
+                f"interventions must be a non-empty list of {INTERVENTIONS}, got {list(interventions)}"
+            )
+        if len(set(interventions)) != len(interventions):
+            raise ValueError(f"interventions has duplicates: {list(interventions)}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number (the factor of 'scale'), got {alpha!r}")
+        if isinstance(metrics, str) or callable(metrics):
+            metrics = (metrics,)
+        metrics = tuple(metrics)
+        if not metrics:
+            raise ValueError(f"metrics must be a non-empty list of {sorted(METRICS)} or callables")
+        for m in metrics:
+            if isinstance(m, str) and m not in METRICS:
+                raise ValueError(
+                    f"unknown metric {m!r}: metrics must be among {sorted(METRICS)} or callables"
+                )
+            if not isinstance(m, str) and not callable(m):
+                raise ValueError(f"metrics must be names among {sorted(METRICS)} or callables, got {m!r}")
+        metric_names = [metric_name(m) for m in metrics]
+        if len(set(metric_names)) != len(metric_names):
+            raise ValueError(f"metrics have duplicate names: {metric_names}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if on not in _ON:
+            raise ValueError(f"on must be one of {_ON}, got {on!r}")
+        for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("top_k_log", top_k_log, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if max_batches is not None and (
+            not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+        ):
+            raise ValueError(f"max_batches must be an int >= 1 or None (all batches), got {max_batches!r}")
+        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
+            raise ValueError(
+                f"model_attr must be a dotted attribute path such as 'model', got {model_attr!r}"
+            )
+        _check_weights(intervention_weights, interventions, "intervention")
+        _check_weights(metric_weights, metric_names, "metric")
+        if attribution_data is not None:
+            if not isinstance(attribution_data, Mapping) or not attribution_data:
+                raise ValueError(
+                    "attribution_data must be a non-empty mapping data set name -> DataLoader (or -> the name of "
+                    f"a validation dataloader), or None for the validation dataloaders; got {attribution_data!r}"
+                )
+            for key, value in attribution_data.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"attribution_data keys must be data set names (str), got {key!r}")
+                if not isinstance(value, str) and not isinstance(value, Iterable):
+                    raise ValueError(
+                        f"attribution_data[{key!r}] must be a DataLoader (an iterable of dict batches) or the "
+                        f"name of a validation dataloader, got {type(value).__name__}"
+                    )
+            _check_weights(dataset_weights, list(attribution_data), "dataset")
+        elif dataset_weights is not None:
+            _check_weights(dataset_weights, list(dataset_weights), "dataset")
+
+        self.target_modules = target_modules
+        self.exclude_modules = exclude_modules
+        self.granularity: Literal["neuron", "head"] = granularity
+        self.interventions: tuple[str, ...] = interventions
+        self.alpha = float(alpha)
+        self.metrics: tuple[str | Callable[..., Any], ...] = metrics
+        self.metric_names = metric_names
+        self.intervention_weights = dict(intervention_weights) if intervention_weights is not None else None
+        self.metric_weights = dict(metric_weights) if metric_weights is not None else None
+        self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
+        self.reduction: Literal["signed", "abs"] = reduction
+        self.attribution_data = dict(attribution_data) if attribution_data is not None else None
+        self.method: Literal["exact", "gradient", "screened"] = method
+        self.max_batches = max_batches
+        self.every_n_epochs = every_n_epochs
+        self.on = on
+        self.model_attr = model_attr
+        self.top_k_log = top_k_log
+        self.progress = progress
+        self.save_dir = save_dir
+
+        self.sites: Sites | None = None
+        self.scores: Scores | None = None
+        self.effects: dict[tuple[str, str, str], Effects] = {}
+        self.round = 0
+        self.epoch: int | None = None
+        self._listeners: list[AttributionListener] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    # State
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_modules=self.target_modules,
+            exclude_modules=self.exclude_modules,
+            granularity=self.granularity,
+            interventions=self.interventions,
+            metrics=tuple(self.metric_names),
+            dataset_weights=self.dataset_weights,
+            reduction=self.reduction,
+            model_attr=self.model_attr,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "epoch": self.epoch,
+            "scores": self.scores.state_dict() if self.scores is not None else None,
+            "effects": {_effect_key(*key): eff.state_dict() for key, eff in self.effects.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict.get("round", 0))
+        self.epoch = state_dict.get("epoch")
+        scores = state_dict.get("scores")
+        self.scores = Scores.from_state_dict(scores) if scores is not None else None
+        self.effects = {}
+        for key, eff in (state_dict.get("effects") or {}).items():
+            iv, metric, dataset = key.split("|", 2)
+            self.effects[(iv, metric, dataset)] = Effects.from_state_dict(eff)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Listeners
+
+    def add_listener(self, listener: AttributionListener) -> None:
+        """Call ``listener(trainer, pl_module, self)`` after every attribution round (in registration order).
+
+        Registering the same listener twice has no effect. The pruning callback registers itself in its
+        ``setup``, so it prunes right after each round, inside the same hook.
+        """
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: AttributionListener) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Model and sites
+
+    def model_of(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The Hugging Face model inside ``pl_module`` (``model_attr``, else ``pl_module.model``, else itself)."""
+        if self.model_attr is not None:
+            obj: Any = pl_module
+            for part in self.model_attr.split("."):
+                if not hasattr(obj, part):
+                    children = [n for n, _ in pl_module.named_children()]
+                    raise ValueError(
+                        f"model_attr={self.model_attr!r}: {type(obj).__name__} has no attribute {part!r}. "
+                        f"Child modules of the LightningModule: {children}"
+                    )
+                obj = getattr(obj, part)
+            if not isinstance(obj, nn.Module):
+                raise ValueError(
+                    f"model_attr={self.model_attr!r} is a {type(obj).__name__}, not an nn.Module"
+                )
+            return obj
+        inner = getattr(pl_module, "model", None)
+        return inner if isinstance(inner, nn.Module) else pl_module
+
+    def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
+        model = self.model_of(pl_module)
+        _check_not_fsdp1(pl_module)
+        self.sites = find_sites(model, self.target_modules, self.exclude_modules, self.granularity)
+        return self.sites
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._resolve_sites(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # configure_model (FSDP2 fully_shard, PEFT wrapping) runs after setup: find the sites again.
+        self._resolve_sites(pl_module)
+        kwargs = _sampler_kwargs(trainer)
+        if kwargs:
+            replicas = kwargs.get("num_replicas", trainer.world_size)
+            if replicas != trainer.world_size:
+                raise ValueError(
+                    f"{type(self).__name__} shards attribution data over all {trainer.world_size} processes, but "
+                    f"the strategy has {replicas} data-parallel replicas (tensor parallelism): not supported; "
+                    "use DDP or ModelParallelStrategy(tensor_parallel_size=1)"
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checkpoint state is restored by now (for every strategy): hand restored scores to the module.
+        datasets = self._dataset_names(trainer, pl_module)
+        if self.dataset_weights is not None:
+            _check_weights(self.dataset_weights, datasets, "dataset")
+        if self.scores is not None:
+            self._notify_module(pl_module)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _validation_loaders(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Iterable]:
+        datamodule: Any = getattr(trainer, "datamodule", None)
+        loaders: Any = None
+        if datamodule is not None and is_overridden("val_dataloader", datamodule):
+            loaders = datamodule.val_dataloader()
+        elif is_overridden("val_dataloader", pl_module):
+            loaders = pl_module.val_dataloader()
+        else:  # dataloaders passed to fit(val_dataloaders=...)
+            source = getattr(
+                getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None
+            )
+            instance = getattr(source, "instance", None)
+            if instance is not None and not isinstance(
+                instance, (pl.LightningModule, pl.LightningDataModule)
+            ):
+                loaders = instance
+        if loaders is None:
+            raise ValueError(
+                f"{type(self).__name__} found no validation dataloaders to attribute on: give "
+                "attribution_data={name: DataLoader}, or define val_dataloader() on the datamodule or module"
+            )
+        if isinstance(loaders, Mapping):
+            return {str(k): v for k, v in loaders.items()}
+        if isinstance(loaders, (list, tuple)):
+            names = _set_names(datamodule, len(loaders)) or _set_names(pl_module, len(loaders))
+            names = names or [f"val_{i}" for i in range(len(loaders))]
+            return dict(zip(names, loaders))
+        names = _set_names(datamodule, 1) or _set_names(pl_module, 1) or ["val"]
+        return {names[0]: loaders}
+
+    def _datasets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Iterable]:
+        """Data set name -> iterable of batches, in a fixed order."""
+        if self.attribution_data is None:
+            return self._validation_loaders(trainer, pl_module)
+        out: dict[str, Iterable] = {}
+        val: dict[str, Iterable] | None = None
+        for name, value in self.attribution_data.items():
+            if isinstance(value, str):
+                val = val if val is not None else self._validation_loaders(trainer, pl_module)
+                if value not in val:
+                    raise ValueError(
+                        f"attribution_data[{name!r}] names the validation dataloader {value!r}, but the "
+                        f"validation dataloaders are {list(val)}"
+                    )
+                out[name] = val[value]
+            else:
+                out[name] = value
+        return out
+
+    def _dataset_names(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        if self.attribution_data is not None:
+            return list(self.attribution_data)
+        return list(self._validation_loaders(trainer, pl_module))
+
+    def _shard(self, trainer: pl.Trainer, loader: Iterable) -> list[Mapping[str, Any]]:
+        """This rank's batches: batch ``i`` (``i < max_batches``) goes to rank ``i % world_size``."""
+        kwargs = _sampler_kwargs(trainer)
+        world = int(kwargs.get("num_replicas", trainer.world_size))
+        rank = int(kwargs.get("rank", trainer.global_rank))
+        out = []
+        for i, batch in enumerate(loader):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            if i % world == rank:
+                out.append(batch)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    # Hooks
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on == "validation_epoch_end":
+            self._maybe_attribute(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on == "train_epoch_end":
+            self._maybe_attribute(trainer, pl_module)
+
+    def _should_run(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _maybe_attribute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_run(trainer):
+            self.attribute(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The round
+
+    def attribute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Scores:
+        """Run one attribution round now: effects, scores, ``set_scores``, listeners, logs and files.
+
+        Every rank must call it (the hooks do). Runs outside inference mode even when called from a validation
+        hook, so that masks and gradients made here are ordinary tensors.
+        """
+        with torch.inference_mode(False):
+            sites = self.sites if self.sites is not None else self._resolve_sites(pl_module)
+            model = self.model_of(pl_module)
+            datasets = self._datasets(trainer, pl_module)
+            if self.dataset_weights is not None:
+                _check_weights(self.dataset_weights, list(datasets), "dataset")
+            progress = bool(self.progress) and trainer.is_global_zero
+            start = time.perf_counter()
+            effects: dict[tuple[str, str, str], Effects] = {}
+            local = {name: self._shard(trainer, loader) for name, loader in datasets.items()}
+            with _attribution_context(model) as replay:
+                for ds_name, batches in local.items():
+                    for iv in self.interventions:
+                        for metric, mname in zip(self.metrics, self.metric_names):
+                            if batches:
+                                eff = causal_effects(
+                                    model, batches, sites, iv, metric, self.method, self.alpha,  # type: ignore[arg-type]
+                                    replay=replay, progress=progress,
+                                )  # fmt: skip
+                            else:  # this rank has no batch of this data set: contribute zeros
+                                eff = _empty_effects(sites, iv, mname, self.method, self.alpha)
+                            effects[(iv, mname, ds_name)] = _reduce(trainer, eff)
+            scores = spuriousness(
+                effects, self.intervention_weights, self.metric_weights, self.dataset_weights, self.reduction
+            )
+            scores.meta.update(
+                epoch=trainer.current_epoch, round=self.round + 1, granularity=sites.granularity
+            )
+            self.effects, self.scores = effects, scores
+            self.round += 1
+            self.epoch = trainer.current_epoch
+            seconds = time.perf_counter() - start
+            self._notify_module(pl_module)
+            for listener in list(self._listeners):
+                listener(trainer, pl_module, self)
+            directory = self._directory(trainer)  # a broadcast: every rank
+            self._log_round(trainer, scores, directory, seconds)
+        return scores
+
+    def _notify_module(self, pl_module: pl.LightningModule) -> None:
+        set_scores = getattr(pl_module, "set_scores", None)
+        if callable(set_scores) and self.scores is not None:
+            set_scores(self.scores, self.sites)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Logging (rank zero only)
+
+    def _directory(self, trainer: pl.Trainer) -> Path:
+        if self.save_dir is not None:
+            return Path(self.save_dir)
+        log_dir = trainer.log_dir
+        return Path(log_dir if log_dir is not None else trainer.default_root_dir)
+
+    @rank_zero_only
+    def _log_round(self, trainer: pl.Trainer, scores: Scores, directory: Path, seconds: float) -> None:
+        epoch = trainer.current_epoch
+        directory.mkdir(parents=True, exist_ok=True)
+        scores.save(directory / f"scores_epoch{epoch}.pt")
+        scores.to_json(directory / f"scores_epoch{epoch}.json", k=self.top_k_log)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if not _is_tensorboard(logger) or experiment is None:
+                continue
+            for name in scores:
+                values = scores[name]
+                values = values[torch.isfinite(values)]
+                if values.numel():
+                    experiment.add_histogram(f"icp/scores/{name}", values, global_step=step)
+            experiment.add_text("icp/top_features", _top_table(scores, self.top_k_log), global_step=step)
+            figure = _heatmap(scores, f"spuriousness scores, epoch {epoch}")
+            if figure is not None:
+                experiment.add_figure("icp/score_heatmap", figure, global_step=step, close=False)
+        top = scores.top_k(min(3, self.top_k_log)) if self.top_k_log else []
+        rank_zero_info(
+            f"[icp] attribution round {self.round} (epoch {epoch}) in {seconds:.1f}s over "
+            f"{len(scores)} sites; top features: {[(s, i, round(v, 4)) for s, i, v in top]}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _sampler_kwargs(trainer: pl.Trainer) -> dict[str, Any]:
+    """``num_replicas`` / ``rank`` of data parallelism (empty on a single device)."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    return dict(kwargs) if isinstance(kwargs, Mapping) else {}
+
+
+def _set_names(owner: Any, n: int) -> list[str] | None:
+    """Names of ``n`` validation sets from ``val_set_names`` / ``eval_sets`` on ``owner`` (if they fit)."""
+    for attr in ("val_set_names", "eval_sets"):
+        names = getattr(owner, attr, None)
+        if isinstance(names, Mapping):
+            names = list(names)
+        if isinstance(names, (list, tuple)) and len(names) == n and all(isinstance(x, str) for x in names):
+            return list(names)
+    return None
+
+
+def _check_not_fsdp1(pl_module: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except Exception:  # pragma: no cover - torch without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
+        raise ValueError(
+            "the ICP callbacks do not support FSDPStrategy (FSDP1): its flat parameters hide the site weights "
+            "and every forward is a collective. Use ModelParallelStrategy with fully_shard (FSDP2) or DDP"
+        )
+
+
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
+    """Gather every FSDP2 module's parameters once and keep them unsharded until the context ends.
+
+    Without this, every forward of a ``fully_shard`` module all-gathers its parameters, a collective that all
+    ranks must join in the same order; ranks holding different numbers of attribution batches would hang.
+    """
+    if not modules:
+        yield
+        return
+    saved = []
+    for module in modules:  # remember reshard_after_forward (no public getter) to put it back exactly
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        groups = list(getattr(state, "_fsdp_param_groups", []))
+        saved.append(
+            (
+                state,
+                getattr(state, "_auto_reshard_after_forward", None),
+                [(g, g.post_forward_mesh_info) for g in groups],
+            )
+        )
+    try:
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+        for module in modules:  # the same modules in the same order on every rank: one all-gather each
+            module.unshard()  # type: ignore[operator]
+        yield
+    finally:
+        for state, auto, groups in saved:
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+        for module in modules:
+            module.reshard()  # type: ignore[operator]
+
+
+@contextmanager
+def _masks_folded(model: nn.Module) -> Iterator[bool]:
+    """Fold the installed masks into the weights while inside; restore weights and masks bit for bit after.
+
+    Yields whether the model is mask-free inside (``False`` when a mask cannot be folded: a non-LoRA adapter).
+    """
+    masks = get_masks(model)
+    if not masks:
+        yield True
+        return
+    modules = dict(model.named_modules())
+    saved = [(p, p.detach().clone()) for name in masks for p in modules[name].parameters()]
+    sites = Sites(
+        [
+            Site(name, modules[name], int(m.numel()), in_features_of(modules[name]) // int(m.numel()))
+            for name, m in masks.items()
+        ]
+    )
+    try:
+        make_permanent(model)
+    except NotImplementedError as err:
+        rank_zero_warn(f"masks cannot be folded for attribution ({err}); using full forwards with the masks")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with torch.no_grad():
+            for param, copy in saved:
+                param.copy_(copy)
+        apply_masks(model, sites, masks)
+
+
+@contextmanager
+def _attribution_context(model: nn.Module) -> Iterator[Literal["auto", "never"]]:
+    """FSDP2: reshard (so folding touches the real shards), fold masks, gather once. Yields the engine's ``replay``."""
+    fsdp = _fsdp2_modules(model)
+    for module in fsdp:
+        module.reshard()  # type: ignore[operator]
+    with _masks_folded(model) as folded, _fsdp2_gathered(fsdp):
+        # A mask hook on a site disables the engine's rank-1 replay; full forwards are then exact for
+        # features whose mask is 1 (and pruned features are skipped by the pruning callback).
+        yield "auto" if folded else "never"
+
+
+def _empty_effects(sites: Sites, intervention: str, metric: str, method: str, alpha: float) -> Effects:
+    zeros = {n: torch.zeros(s.n_features, dtype=torch.float64) for n, s in sites.items()}
+    meta = {
+        "intervention": intervention,
+        "alpha": alpha if intervention == "scale" else None,
+        "metric": metric,
+        "method": method,
+        "granularity": sites.granularity,
+    }
+    return Effects(zeros, {n: z.clone() for n, z in zeros.items()}, meta)
+
+
+def _reduce(trainer: pl.Trainer, effects: Effects) -> Effects:
+    """Sum the effects' ``sums`` and ``counts`` over all ranks (one all-reduce); meta from rank 0."""
+    if trainer.world_size <= 1:
+        return effects
+    names = list(effects.sums)
+    sizes = [effects.sums[n].numel() for n in names]
+    flat = torch.cat([effects.sums[n] for n in names] + [effects.counts[n] for n in names])
+    flat = trainer.strategy.reduce(flat.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    parts = list(torch.split(flat, sizes + sizes))
+    meta = trainer.strategy.broadcast(effects.meta, src=0)
+    out = Effects(dict(zip(names, parts[: len(names)])), dict(zip(names, parts[len(names) :])), meta)
+    out.audit = meta.get("audit") if isinstance(meta, dict) else None
+    return out
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(logger, TensorBoardLogger)
+
+
+def _top_table(scores: Scores, k: int) -> str:
+    rows = ["| rank | site | feature | score |", "|---:|---|---:|---:|"]
+    for i, (site, feature, value) in enumerate(scores.top_k(k), start=1):
+        rows.append(f"| {i} | {site} | {feature} | {value:.6g} |")
+    return "\n".join(rows)
+
+
+def _heatmap(scores: Scores, title: str) -> Any:
+    """A sites x features heatmap (rows padded with NaN to the widest site), as a matplotlib Figure."""
+    try:
+        from matplotlib.figure import Figure
+    except Exception:  # pragma: no cover - matplotlib is a dependency
+        return None
+    names = list(scores)
+    if not names:
+        return None
+    width = max(scores[n].numel() for n in names)
+    grid = torch.full((len(names), width), float("nan"))
+    for i, n in enumerate(names):
+        grid[i, : scores[n].numel()] = scores[n]
+    finite = grid[torch.isfinite(grid)]
+    bound = float(finite.abs().max()) if finite.numel() else 1.0
+    bound = bound if bound > 0 else 1.0
+    fig = Figure(figsize=(min(16.0, 2.0 + width / 16), 1.0 + 0.35 * len(names)))
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(
+        grid.numpy(), aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, interpolation="nearest"
+    )
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xlabel("feature")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,475 @@
+r"""CausalPruningCallback: prune (or reweight) the most spurious features right after each attribution round.
+
+The pruning callback does not compute anything itself: it registers as a listener of a
+:class:`~icp_lightning.callbacks.attribution.CausalAttributionCallback` in ``setup`` and, each time that callback
+has new scores, chooses features with :func:`select_masks` and installs the masks with
+:func:`~icp_lightning.core.masks.apply_masks` (an input mask per site, so training cannot revive a pruned
+feature). It runs inside the attribution callback's hook, right after the scores are computed, whatever the
+order of the callbacks in ``Trainer(callbacks=...)``.
+
+Rounds: with ``every_n_epochs=n`` on the attribution callback, ICP is iterative: attribute -> prune -> fine-tune
+``n`` epochs -> attribute -> ... Masks are cumulative: a pruned feature stays pruned, is no longer a candidate,
+and ``amount`` applies to the remaining features.
+
+Processes: every rank computes the same masks from the same all-reduced scores, then rank 0's masks are
+broadcast (``trainer.strategy.broadcast``) so every rank installs exactly the same ones.
+
+Resume: the masks and the round counter are in the callback's ``state_dict``. The masks are also persistent
+buffers of the model (``<site>.icp_mask``), so they are in the checkpoint's model weights; a freshly built model
+has no such buffers, so this callback registers a ``load_state_dict`` pre-hook on the LightningModule that
+creates them just before Lightning loads the weights (``trainer.fit(ckpt_path=...)``), and installs its restored
+masks again in ``on_train_start``, before the first training step. With ``ddp_spawn``, the model handed back to
+the main process is loaded non-strictly by Lightning and has no masks: use ``make_permanent=True`` (or
+``strategy="ddp"``) if you use the model after ``fit`` in the main process.
+
+Example:
+    >>> cb = CausalPruningCallback(amount=0.1, scope="per_site")
+    >>> cb.mode, cb.min_keep
+    ('hard', 1)
+    >>> CausalPruningCallback(threshold=0.5, amount=0.1)
+    Traceback (most recent call last):
+    ...
+    ValueError: give exactly one of threshold= (prune features scoring above tau) or amount= (a fraction, a count, or a callable of the round), not both
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from icp_lightning.callbacks.attribution import CausalAttributionCallback
+from icp_lightning.core.masks import MASK_BUFFER, apply_masks, make_permanent
+from icp_lightning.core.sites import Site, Sites, in_features_of
+
+__all__ = ["CausalPruningCallback", "default_factor", "select_masks"]
+
+Amount = int | float | Callable[[int], int | float]
+_SCOPES = ("global", "per_site")
+_MODES = ("hard", "soft")
+
+
+def default_factor(z: Tensor) -> Tensor:
+    """The default soft-pruning factor ``1 - sigmoid(z)`` of a standardized score ``z``: in (0, 1), 0.5 at the mean.
+
+    Example:
+        >>> default_factor(torch.tensor([-2.0, 0.0, 2.0]))
+        tensor([0.8808, 0.5000, 0.1192])
+    """
+    return torch.sigmoid(-z)
+
+
+def _check_amount(amount: Any, where: str = "amount") -> int | float:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise ValueError(
+            f"{where} must be an int >= 0 (a count), a float in [0, 1] (a fraction) or a callable of the round "
+            f"number returning one of those, got {amount!r}"
+        )
+    if isinstance(amount, int):
+        if amount < 0:
+            raise ValueError(f"{where} as a count must be >= 0, got {amount}")
+        return amount
+    if not math.isfinite(amount) or not 0.0 <= amount <= 1.0:
+        raise ValueError(
+            f"{where} as a float is a fraction of the remaining features and must lie in [0, 1], got {amount}; "
+            "pass an int for a number of features"
+        )
+    return float(amount)
+
+
+def _count(amount: int | float, available: int) -> int:
+    if isinstance(amount, int):
+        return min(amount, available)
+    return min(available, int(round(amount * available)))
+
+
+def _standardize(values: Tensor) -> Tensor:
+    if values.numel() < 2:
+        return torch.zeros_like(values)
+    std = values.std(unbiased=False)
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(values)
+    return (values - values.mean()) / std
+
+
+def select_masks(
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    *,
+    threshold: float | None = None,
+    amount: int | float | None = None,
+    scope: Literal["global", "per_site"] = "global",
+    min_keep: int = 1,
+    mode: Literal["hard", "soft"] = "hard",
+    factor_fn: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The next masks: the current ``masks`` with the most spurious remaining features pruned (or reweighted).
+
+    Candidates are the features whose current mask is above 0 and whose score is finite. Among them:
+    ``threshold`` selects those scoring strictly above it (``scope`` makes no difference); ``amount`` selects
+    the highest-scoring ``amount`` features (an int: a count; a float: that fraction of the candidates,
+    rounded), over all sites together (``scope="global"``) or in each site (``"per_site"``); ties go to the
+    earlier site and feature. ``mode="hard"`` sets the selected features to 0; ``mode="soft"`` multiplies
+    their mask by ``factor_fn(z)``, ``z`` being their score standardized over the candidates (of all sites, or of
+    their site with ``"per_site"``), default :func:`default_factor`. Then every site keeps at least
+    ``min_keep`` features above 0: the lowest-scoring of its newly zeroed features get their mask back (they are
+    not replaced by other features).
+
+    Args:
+        scores: site -> ``[n_features]`` scores, higher = more spurious (e.g. a ``Scores``).
+        masks: site -> ``[n_features]`` current masks in [0, 1] (all sites to consider).
+        threshold, amount: exactly one.
+        scope, min_keep, mode, factor_fn: as above.
+
+    Returns:
+        site -> new ``[n_features]`` float32 CPU masks.
+
+    Raises:
+        ValueError: both or neither of threshold / amount, a site without scores, mismatched sizes, or factors
+            outside [0, 1].
+
+    Example:
+        >>> scores = {"a": torch.tensor([0.9, 0.1, 0.5]), "b": torch.tensor([0.8, 0.7])}
+        >>> masks = {"a": torch.ones(3), "b": torch.ones(2)}
+        >>> new = select_masks(scores, masks, amount=2)
+        >>> new["a"].tolist(), new["b"].tolist()
+        ([0.0, 1.0, 1.0], [0.0, 1.0])
+        >>> new = select_masks(scores, new, amount=2)  # cumulative: b keeps min_keep=1 feature
+        >>> new["a"].tolist(), new["b"].tolist()
+        ([0.0, 1.0, 0.0], [0.0, 1.0])
+        >>> select_masks(scores, masks, threshold=0.6, mode="soft")["b"]
+        tensor([0.3302, 0.4125])
+    """
+    if (threshold is None) == (amount is None):
+        raise ValueError("select_masks needs exactly one of threshold= or amount=")
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    names = list(masks)
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"no scores for sites {missing}; scores cover {list(scores)}")
+    cur = {n: torch.as_tensor(masks[n]).detach().to("cpu", torch.float32).reshape(-1) for n in names}
+    sc = {n: torch.as_tensor(scores[n]).detach().to("cpu", torch.float64).reshape(-1) for n in names}
+    for n in names:
+        if sc[n].numel() != cur[n].numel():
+            raise ValueError(f"site {n!r} has {sc[n].numel()} scores but {cur[n].numel()} mask values")
+    elig = {n: (cur[n] > 0) & torch.isfinite(sc[n]) for n in names}
+    chosen = {n: torch.zeros_like(elig[n]) for n in names}
+
+    if threshold is not None:
+        for n in names:
+            chosen[n] = elig[n] & (sc[n] > threshold)
+    elif scope == "global":
+        assert amount is not None
+        site_of = torch.cat(
+            [torch.full((int(elig[n].sum()),), i, dtype=torch.long) for i, n in enumerate(names)]
+        )
+        feat_of = torch.cat([elig[n].nonzero().reshape(-1) for n in names])
+        values = torch.cat([sc[n][elig[n]] for n in names])
+        k = _count(amount, int(values.numel()))
+        for j in torch.argsort(values, descending=True, stable=True)[:k].tolist():
+            chosen[names[int(site_of[j])]][int(feat_of[j])] = True
+    else:
+        assert amount is not None
+        for n in names:
+            idx = elig[n].nonzero().reshape(-1)
+            k = _count(amount, int(idx.numel()))
+            top = idx[torch.argsort(sc[n][idx], descending=True, stable=True)[:k]]
+            chosen[n][top] = True
+
+    new = {n: cur[n].clone() for n in names}
+    if mode == "hard":
+        for n in names:
+            new[n][chosen[n]] = 0.0
+    else:
+        fn = factor_fn if factor_fn is not None else default_factor
+        z: dict[str, Tensor] = {}
+        if scope == "global":
+            flat = _standardize(torch.cat([sc[n][elig[n]] for n in names]))
+            for n, part in zip(names, torch.split(flat, [int(elig[n].sum()) for n in names])):
+                z[n] = torch.zeros_like(sc[n])
+                z[n][elig[n]] = part
+        else:
+            for n in names:
+                z[n] = torch.zeros_like(sc[n])
+                z[n][elig[n]] = _standardize(sc[n][elig[n]])
+        for n in names:
+            if not bool(chosen[n].any()):
+                continue
+            factors = torch.as_tensor(fn(z[n][chosen[n]].float())).detach().to("cpu", torch.float32)
+            if factors.shape != (int(chosen[n].sum()),):
+                raise ValueError(
+                    f"factor_fn must return one factor per input value (shape {[int(chosen[n].sum())]}), "
+                    f"got shape {list(factors.shape)}"
+                )
+            if not bool(torch.isfinite(factors).all()) or factors.min() < 0 or factors.max() > 1:
+                raise ValueError(
+                    f"factor_fn must return factors in [0, 1], got min {factors.min().item()}, "
+                    f"max {factors.max().item()}"
+                )
+            new[n][chosen[n]] = cur[n][chosen[n]] * factors
+
+    for n in names:  # never leave fewer than min_keep features of a site alive
+        alive = int((new[n] > 0).sum())
+        if alive >= min_keep:
+            continue
+        lost = (chosen[n] & (new[n] == 0)).nonzero().reshape(-1)
+        order = lost[torch.argsort(sc[n][lost], stable=True)]
+        for i in order[: min_keep - alive].tolist():
+            new[n][i] = cur[n][i]
+    return new
+
+
+class CausalPruningCallback(Callback):
+    """Prune (``mode="hard"``) or reweight (``"soft"``) the most spurious features after each attribution round.
+
+    Args:
+        threshold: prune the remaining features whose score is above this tau.
+        amount: how many of the remaining features to prune each round: an int (a count), a float in [0, 1] (a
+            fraction of the remaining features) or a callable ``amount(round) -> int | float`` of the pruning
+            round (0, 1, 2, ...). Exactly one of ``threshold`` / ``amount``.
+        scope: ``"global"`` (rank all sites' features together) or ``"per_site"`` (``amount`` in every site).
+        min_keep: every site keeps at least this many features (1: a site is never emptied).
+        mode: ``"hard"`` (mask 0) or ``"soft"`` (multiply the mask by a factor in [0, 1] computed from the
+            standardized score, ``factor_fn(z)``, default ``1 - sigmoid(z)``; see :func:`select_masks`).
+        factor_fn: the soft factor, a function of a tensor of standardized scores (``mode="soft"`` only).
+        make_permanent: fold the masks into the weights at the end of ``fit`` (``on_fit_end``) and remove them.
+        attribution: the attribution callback to follow; ``None``: the only one in ``trainer.callbacks``.
+        verbose: print a line per round (rank 0).
+
+    Attributes:
+        masks: site -> ``[n_features]`` current masks (CPU float32), identical on every rank.
+        round: how many pruning rounds have run.
+
+    Raises:
+        ValueError: an argument outside its allowed values (the message lists them).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from icp_lightning.callbacks import CausalAttributionCallback
+        >>> attribution = CausalAttributionCallback(every_n_epochs=2)
+        >>> pruning = CausalPruningCallback(amount=0.05, make_permanent=True)
+        >>> trainer = pl.Trainer(callbacks=[attribution, pruning], max_epochs=6)  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=dm)  # 3 rounds of attribute -> prune -> fine-tune  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        threshold: float | None = None,
+        amount: Amount | None = None,
+        scope: Literal["global", "per_site"] = "global",
+        min_keep: int = 1,
+        mode: Literal["hard", "soft"] = "hard",
+        factor_fn: Callable[[Tensor], Tensor] | None = None,
+        make_permanent: bool = False,
+        attribution: CausalAttributionCallback | None = None,
+        verbose: bool = True,
+    ) -> None:
+        if (threshold is None) == (amount is None):
+            raise ValueError(
+                "give exactly one of threshold= (prune features scoring above tau) or amount= (a fraction, a "
+                f"count, or a callable of the round), not {'both' if threshold is not None else 'neither'}"
+            )
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+        ):
+            raise ValueError(f"threshold must be a finite number (tau), got {threshold!r}")
+        if amount is not None and not callable(amount):
+            amount = _check_amount(amount)
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+            raise ValueError(f"min_keep must be an int >= 0 (features every site keeps), got {min_keep!r}")
+        if factor_fn is not None and not callable(factor_fn):
+            raise ValueError(f"factor_fn must be a callable z -> factors in [0, 1], got {factor_fn!r}")
+        if factor_fn is not None and mode != "soft":
+            raise ValueError("factor_fn only applies to mode='soft'; pass mode='soft' or drop factor_fn")
+        if attribution is not None and not isinstance(attribution, CausalAttributionCallback):
+            raise ValueError(
+                f"attribution must be a CausalAttributionCallback (or None to find it among the trainer's "
+                f"callbacks), got {type(attribution).__name__}"
+            )
+        self.threshold = float(threshold) if threshold is not None else None
+        self.amount = amount
+        self.scope: Literal["global", "per_site"] = scope
+        self.min_keep = min_keep
+        self.mode: Literal["hard", "soft"] = mode
+        self.factor_fn = factor_fn
+        self.make_permanent = bool(make_permanent)
+        self.attribution = attribution
+        self.verbose = verbose
+
+        self.masks: dict[str, Tensor] = {}
+        self.round = 0
+        self._load_hook: Any = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # State
+
+    @property
+    @override
+    def state_key(self) -> str:
+        amount: Any = self.amount
+        if callable(amount):  # a stable name, not a memory address
+            amount = getattr(amount, "__qualname__", type(amount).__name__)
+        return self._generate_state_key(
+            threshold=self.threshold, amount=amount, scope=self.scope, mode=self.mode
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "masks": {n: m.clone() for n, m in self.masks.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict.get("round", 0))
+        self.masks = {n: torch.as_tensor(m).float().cpu() for n, m in (state_dict.get("masks") or {}).items()}
+
+    # ------------------------------------------------------------------------------------------------------
+    # Hooks
+
+    def _find_attribution(self, trainer: pl.Trainer) -> CausalAttributionCallback:
+        found = [cb for cb in trainer.callbacks if isinstance(cb, CausalAttributionCallback)]  # type: ignore[attr-defined]
+        if self.attribution is not None:
+            if not any(cb is self.attribution for cb in found):
+                raise ValueError(
+                    "the attribution callback given to CausalPruningCallback is not among the trainer's callbacks: "
+                    "pass it in Trainer(callbacks=[attribution, pruning])"
+                )
+            return self.attribution
+        if len(found) != 1:
+            raise ValueError(
+                f"CausalPruningCallback needs one CausalAttributionCallback among the trainer's callbacks, found "
+                f"{len(found)}: add one to Trainer(callbacks=...)"
+                + (" or pass attribution= to choose" if found else "")
+            )
+        return found[0]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.attribution = self._find_attribution(trainer)
+        self.attribution.add_listener(self._on_attribution)
+        if self._load_hook is None:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._create_masks_before_load)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every checkpoint restore (some strategies restore after on_fit_start), before the first step.
+        if self.masks:
+            assert self.attribution is not None
+            sites = self.attribution.sites
+            if sites is None:
+                sites = self.attribution._resolve_sites(pl_module)
+            unknown = [n for n in self.masks if n not in sites]
+            if unknown:
+                raise ValueError(
+                    f"restored masks name sites {unknown} that the model does not have: {sites.names}"
+                )
+            with torch.inference_mode(False):
+                apply_masks(self.attribution.model_of(pl_module), sites, self.masks)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.make_permanent and self.masks:
+            assert self.attribution is not None
+            make_permanent(self.attribution.model_of(pl_module))
+            if self.verbose:
+                rank_zero_info("[icp] masks folded into the weights (make_permanent=True)")
+
+    def _create_masks_before_load(
+        self, module: Any, state_dict: Mapping[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """``load_state_dict`` pre-hook: create the mask buffers the checkpoint has and the fresh model lacks."""
+        suffix = "." + MASK_BUFFER
+        named: dict[str, Any] | None = None
+        for key, value in state_dict.items():
+            if not (key.startswith(prefix) and key.endswith(suffix)) or not isinstance(value, Tensor):
+                continue
+            name = key[len(prefix) : -len(suffix)]
+            named = named if named is not None else dict(module.named_modules())
+            target = named.get(name)
+            if target is None or getattr(target, MASK_BUFFER, None) is not None or value.ndim != 1:
+                continue  # load_state_dict reports what does not fit
+            n = int(value.numel())
+            try:
+                n_in = in_features_of(target)
+            except Exception:
+                continue
+            if n == 0 or n_in % n:
+                continue
+            with torch.inference_mode(False):
+                apply_masks(module, Sites([Site(name, target, n, n_in // n)]), {name: torch.ones(n)})
+
+    # ------------------------------------------------------------------------------------------------------
+    # A round
+
+    def _amount_for(self, round_index: int) -> int | float | None:
+        if self.amount is None or not callable(self.amount):
+            return self.amount
+        return _check_amount(self.amount(round_index), where=f"amount({round_index})")
+
+    def _on_attribution(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, attribution: CausalAttributionCallback
+    ) -> None:
+        """Listener: prune from the attribution callback's new scores (every rank)."""
+        sites, scores = attribution.sites, attribution.scores
+        assert sites is not None and scores is not None
+        current = {n: self.masks.get(n, torch.ones(s.n_features)) for n, s in sites.items()}
+        new = select_masks(
+            scores,
+            current,
+            threshold=self.threshold,
+            amount=self._amount_for(self.round),
+            scope=self.scope,
+            min_keep=self.min_keep,
+            mode=self.mode,
+            factor_fn=self.factor_fn,
+        )
+        new = trainer.strategy.broadcast(new, src=0)  # identical on every rank, whatever happened locally
+        apply_masks(attribution.model_of(pl_module), sites, new)
+        changed = {n: int((new[n] != current[n]).sum()) for n in new}
+        self.masks = {n: m.detach().to("cpu", torch.float32).clone() for n, m in new.items()}
+        self.round += 1
+        self._log_round(trainer, pl_module, changed)
+
+    def sparsity(self) -> float:
+        """The share of features whose mask is 0, over all sites."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int((m == 0).sum()) for m in self.masks.values()) / total if total else 0.0
+
+    def _log_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, changed: Mapping[str, int]
+    ) -> None:
+        sparsity = self.sparsity()
+        for name, n in changed.items():
+            pl_module.log(f"icp/pruned/{name}", float(n), sync_dist=True)
+        pl_module.log("icp/pruned", float(sum(changed.values())), sync_dist=True)
+        pl_module.log("icp/sparsity", sparsity, sync_dist=True)
+        if self.mode == "soft":
+            mean = torch.cat(list(self.masks.values())).mean().item() if self.masks else 1.0
+            pl_module.log("icp/mask_mean", mean, sync_dist=True)
+        if self.verbose:
+            verb = "pruned" if self.mode == "hard" else "reweighted"
+            rank_zero_info(
+                f"[icp] pruning round {self.round} (epoch {trainer.current_epoch}): {verb} "
+                f"{sum(changed.values())} features; sparsity {sparsity:.1%}"
+            )
