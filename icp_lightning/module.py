@@ -1,0 +1,707 @@
+"""``ICPContrastiveModule``: fine-tune a Hugging Face model with a counterfactual KL term.
+
+    L = L_task(M(x), y) + lambda_t * D(M(x), M(x'))
+
+x' comes from a counterfactual strategy (:mod:`~icp_lightning.core.counterfactuals`): the model itself under
+do(h = v) on the spurious features found by the attribution callback, an inverse of that intervention in input
+space, paired inputs, or word swaps. D is KL(p || p'), KL(p' || p) or Jensen-Shannon
+(:func:`~icp_lightning.core.losses.counterfactual_kl`). The HF model is ``self.model`` (wrapped in PEFT when
+``peft`` is given), where the callbacks find it; pruning masks installed on its site modules keep applying while
+LoRA adapters train.
+
+Example:
+    >>> import torch, transformers
+    >>> cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+    ...                               num_attention_heads=2, intermediate_size=8)
+    >>> module = ICPContrastiveModule(transformers.BertForSequenceClassification(cfg), kl_weight=0.5)
+    >>> batch = {"input_ids": torch.randint(5, 30, (4, 6)), "labels": torch.tensor([0, 1, 0, 1])}
+    >>> out = module.compute_loss(batch)  # no scores yet: the KL term is skipped
+    >>> bool(out["kl_skipped"]), bool(torch.equal(out["loss"], out["task_loss"]))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftConfig
+from torch import nn
+from typing_extensions import override
+
+from icp_lightning.core.counterfactuals import (
+    CounterfactualName,
+    CounterfactualStrategy,
+    build_counterfactual,
+)
+from icp_lightning.core.interventions import CF_PREFIX, counterfactual_batch, model_inputs
+from icp_lightning.core.losses import (
+    IGNORE_INDEX,
+    KLDirection,
+    KLSchedule,
+    answer_token_mask,
+    counterfactual_kl,
+    kl_weight_at,
+    total_loss,
+)
+from icp_lightning.core.sites import Granularity, Sites, find_sites
+from icp_lightning.metrics import CounterfactualFlipRate, ReliabilityMetrics
+
+Task = Literal["sequence_classification", "causal_lm", "seq2seq"]
+TASKS: tuple[str, ...] = ("sequence_classification", "causal_lm", "seq2seq")
+_PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+_GROUP_KEYS = ("group", "groups")
+
+
+def load_hf_model(
+    model: str | Path | nn.Module,
+    task: Task = "sequence_classification",
+    num_labels: int = 2,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The Hugging Face model for ``task``: loaded from a hub name / local path, or returned as given.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.BertConfig(vocab_size=9, hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=8)
+        >>> type(load_hf_model(transformers.BertForSequenceClassification(cfg))).__name__
+        'BertForSequenceClassification'
+    """
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, (str, Path)):
+        raise TypeError(
+            f"model must be a hub name, a local path or a PreTrainedModel, got {type(model).__name__}"
+        )
+    import transformers
+
+    kwargs = dict(model_kwargs or {})
+    if task == "sequence_classification":
+        return transformers.AutoModelForSequenceClassification.from_pretrained(  # type: ignore[no-any-return]
+            str(model), num_labels=num_labels, **kwargs
+        )
+    if task == "causal_lm":
+        return transformers.AutoModelForCausalLM.from_pretrained(str(model), **kwargs)  # type: ignore[no-any-return]
+    if task == "seq2seq":
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model), **kwargs)  # type: ignore[no-any-return]
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def peft_config(config: Any, task: Task) -> Any:
+    """A ``peft.PeftConfig`` from a config object or a dict (``peft_type`` defaults to LORA, ``task_type`` to
+    the task's), or ``None``."""
+    if config is None:
+        return None
+    import peft as peft_lib
+
+    if isinstance(config, Mapping):
+        values = dict(config)
+        values.setdefault("peft_type", "LORA")
+        values.setdefault("task_type", _PEFT_TASK_TYPES[task])
+        try:
+            return peft_lib.get_peft_config(values)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"cannot build a PEFT config from {values}: {err}. Pass the fields of e.g. peft.LoraConfig "
+                "(r, lora_alpha, target_modules, ...)"
+            ) from None
+    if isinstance(config, peft_lib.PeftConfig):
+        config = copy.deepcopy(config)
+        if getattr(config, "task_type", None) is None:
+            config.task_type = _PEFT_TASK_TYPES[task]
+        return config
+    raise TypeError(f"peft must be a peft.PeftConfig, a dict or None, got {type(config).__name__}")
+
+
+def _plain(value: Any) -> bool:
+    """True for values a checkpoint can hold under ``torch.load(weights_only=True)``."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _peft_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a PEFT config (sets become sorted lists, enums their values)."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (set, frozenset)):
+            return sorted(obj)
+        return getattr(obj, "value", str(obj))
+
+    raw = {k: v for k, v in config.to_dict().items() if v is not None}
+    return json.loads(json.dumps(raw, default=default))  # type: ignore[no-any-return]
+
+
+class ICPContrastiveModule(pl.LightningModule):
+    """Fine-tuning with ``L = L_task(M(x), y) + lambda_t * D(M(x), M(x'))`` and per-set reliability metrics.
+
+    Args:
+        model: a hub name or local path (loaded with ``AutoModelForSequenceClassification``,
+            ``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM`` by ``task``) or a built ``PreTrainedModel``.
+        task: ``"sequence_classification"`` (labels ``[N]``), ``"causal_lm"`` (labels ``[N, T]``, -100 on the
+            prompt and padding: loss and KL on answer tokens only) or ``"seq2seq"`` (decoder labels).
+        num_labels: classes of a classification head loaded from a name.
+        peft: a ``peft`` config (e.g. ``LoraConfig``) or a dict of its fields; the model is wrapped with
+            ``get_peft_model`` (only adapters, and the classification head, train).
+        counterfactual: ``"intervention"``, ``"inversion"``, ``"token_edit"``, ``"paired"``, ``"token_swap"`` or
+            an object with ``build(model, batch, scores, sites)``.
+        counterfactual_kwargs: constructor arguments of a named strategy (e.g. ``{"kind": "mask"}``,
+            ``{"tokenizer": tok}`` for ``token_swap``).
+        kl_weight: lambda. 0 is plain fine-tuning: no counterfactual forward at all.
+        kl_schedule: ``"constant"``, ``"linear_warmup"`` (over ``kl_warmup_steps``) or a callable
+            ``global_step -> factor`` multiplying ``kl_weight``.
+        kl_warmup_steps: steps of the linear warm-up.
+        kl_direction: ``"forward"`` KL(p || p'), ``"reverse"`` KL(p' || p), ``"symmetric"`` Jensen-Shannon.
+        temperature: softmax temperature of both distributions in the KL term.
+        detach_cf: stop gradients through the counterfactual branch (default: both branches get gradients).
+        tau_c: features with spuriousness score > ``tau_c`` are intervened on (feature strategies).
+        top_k_c: or the ``top_k_c`` highest-scoring features. Neither: every feature with a positive score.
+        optimizer: a LightningCLI-style ``params -> Optimizer`` callable; default ``AdamW(lr, weight_decay)``.
+        lr_scheduler: a ``optimizer -> LRScheduler`` callable, stepped every ``lr_scheduler_interval``.
+        lr: learning rate of the default optimizer.
+        weight_decay: weight decay of the default optimizer.
+        lr_scheduler_interval: ``"step"`` or ``"epoch"``.
+        eval_sets: one name per validation / test dataloader (``dataloader_idx`` -> name); metrics are logged as
+            ``val/{name}/{key}`` and ``test/{name}/{key}``.
+        num_groups: number of group ids carried by eval batches under ``"group"``: enables the fairness and
+            worst-group metrics.
+        model_kwargs: passed to ``from_pretrained`` when ``model`` is a name.
+
+    Attributes:
+        model: the HF model (a ``PeftModel`` with ``peft``).
+        icp_scores: ``site -> [n_features]`` spuriousness scores (set by the attribution callback or
+            :meth:`set_scores`); ``None`` until then, and the KL term of feature strategies is skipped.
+        icp_sites: the :class:`~icp_lightning.core.sites.Sites` the scores refer to.
+        counterfactual: the strategy object.
+
+    Batches are dicts of model inputs plus ``labels``; eval batches may carry ``group`` (int ids) and
+    ``cf_input_ids`` / ``cf_attention_mask`` (then the counterfactual flip rate is logged). Both the clean and
+    the counterfactual forward run in train mode during training: with dropout, the KL term is nonzero even
+    for x' = x (as in R-Drop).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        task: Task = "sequence_classification",
+        num_labels: int = 2,
+        peft: PeftConfig | dict[str, Any] | None = None,
+        counterfactual: CounterfactualName | CounterfactualStrategy = "intervention",
+        counterfactual_kwargs: dict[str, Any] | None = None,
+        kl_weight: float = 1.0,
+        kl_schedule: KLSchedule | Callable[[int], float] = "constant",
+        kl_warmup_steps: int = 0,
+        kl_direction: KLDirection = "forward",
+        temperature: float = 1.0,
+        detach_cf: bool = False,
+        tau_c: float | None = None,
+        top_k_c: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        eval_sets: Sequence[str] = ("val",),
+        num_groups: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._validate(task, num_labels, kl_weight, kl_schedule, kl_warmup_steps, kl_direction, temperature)
+        self._validate_more(tau_c, top_k_c, lr_scheduler_interval, eval_sets, num_groups)
+        peft_cfg = peft_config(peft, task)
+        local = {
+            "model": model,
+            "counterfactual": counterfactual,
+            "counterfactual_kwargs": counterfactual_kwargs,
+            "kl_schedule": kl_schedule,
+            "model_kwargs": model_kwargs,
+        }
+        ignore = ["optimizer", "lr_scheduler", "peft"] + [k for k, v in local.items() if not _plain(v)]
+        self.save_hyperparameters(ignore=ignore)
+        # Kept JSON-safe, so a checkpoint loads under torch.load(weights_only=True) and rebuilds the adapters.
+        self.hparams["peft"] = _peft_dict(peft_cfg) if peft_cfg is not None else None
+        self.hparams["eval_sets"] = list(eval_sets)
+
+        self.task: Task = task
+        base = load_hf_model(model, task, num_labels, model_kwargs)
+        if peft_cfg is not None:
+            import peft as peft_lib
+
+            base = peft_lib.get_peft_model(base, peft_cfg)
+        base.train()  # from_pretrained returns eval mode; Lightning switches modes for evaluation itself
+        self.model = base
+        self.counterfactual = build_counterfactual(
+            counterfactual, defaults={"tau_c": tau_c, "top_k": top_k_c}, **(counterfactual_kwargs or {})
+        )
+        self.kl_weight = float(kl_weight)
+        self.kl_schedule = kl_schedule
+        self.kl_warmup_steps = kl_warmup_steps
+        self.kl_direction: KLDirection = kl_direction
+        self.temperature = temperature
+        self.detach_cf = detach_cf
+        self.optimizer_fn = optimizer
+        self.lr_scheduler_fn = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.eval_sets = list(eval_sets)
+        self.num_groups = num_groups
+        self.icp_scores: Mapping[str, torch.Tensor] | None = None
+        self.icp_sites: Sites | None = None
+        self._told_skip = False
+        self._seen: dict[str, set[str]] = {"val": set(), "test": set()}
+
+        num_classes = self._num_classes(num_labels)
+        self.val_metrics = nn.ModuleDict(
+            {name: ReliabilityMetrics(num_classes, num_groups=num_groups) for name in self.eval_sets}
+        )
+        self.test_metrics = nn.ModuleDict(
+            {name: ReliabilityMetrics(num_classes, num_groups=num_groups) for name in self.eval_sets}
+        )
+        self.val_flip = nn.ModuleDict({name: CounterfactualFlipRate() for name in self.eval_sets})
+        self.test_flip = nn.ModuleDict({name: CounterfactualFlipRate() for name in self.eval_sets})
+
+    # ------------------------------------------------------------------------------------------------------
+    # Arguments
+
+    @staticmethod
+    def _validate(
+        task: str,
+        num_labels: int,
+        kl_weight: float,
+        kl_schedule: Any,
+        kl_warmup_steps: int,
+        kl_direction: str,
+        temperature: float,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "sequence_classification" and (not isinstance(num_labels, int) or num_labels < 2):
+            raise ValueError(
+                f"num_labels must be an int >= 2 for sequence_classification, got {num_labels!r}"
+            )
+        if not isinstance(kl_weight, (int, float)) or kl_weight < 0 or math.isnan(kl_weight):
+            raise ValueError(f"kl_weight must be a number >= 0, got {kl_weight!r}")
+        if not callable(kl_schedule) and kl_schedule not in ("constant", "linear_warmup"):
+            raise ValueError(
+                f"kl_schedule must be 'constant', 'linear_warmup' or a callable, got {kl_schedule!r}"
+            )
+        if kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
+        if kl_direction not in ("forward", "reverse", "symmetric"):
+            raise ValueError(
+                f"kl_direction must be 'forward', 'reverse' or 'symmetric', got {kl_direction!r}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+    @staticmethod
+    def _validate_more(
+        tau_c: float | None,
+        top_k_c: int | None,
+        lr_scheduler_interval: str,
+        eval_sets: Sequence[str],
+        num_groups: int | None,
+    ) -> None:
+        if top_k_c is not None and top_k_c < 0:
+            raise ValueError(f"top_k_c must be >= 0 or None, got {top_k_c}")
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}"
+            )
+        if isinstance(eval_sets, str) or not eval_sets:
+            raise ValueError(
+                f"eval_sets must be a non-empty list of names (one per dataloader), got {eval_sets!r}"
+            )
+        bad = [n for n in eval_sets if not isinstance(n, str) or not n or "." in n]
+        if bad or len(set(eval_sets)) != len(eval_sets):
+            raise ValueError(f"eval_sets must be unique non-empty names without '.', got {list(eval_sets)}")
+        if num_groups is not None and num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1 or None, got {num_groups}")
+
+    def _num_classes(self, num_labels: int) -> int:
+        if self.task == "sequence_classification":
+            return int(getattr(self.hf_model.config, "num_labels", num_labels))
+        out = self.hf_model.get_output_embeddings()
+        weight = getattr(out, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[0])
+        return int(self.hf_model.config.vocab_size)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Model access and scores
+
+    @property
+    def hf_model(self) -> Any:
+        """The underlying ``PreTrainedModel`` (inside the PEFT wrapper, if any)."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether ``self.model`` is a PEFT-wrapped model."""
+        return callable(getattr(self.model, "get_base_model", None)) and hasattr(self.model, "peft_config")
+
+    def set_scores(self, scores: Mapping[str, torch.Tensor] | None, sites: Sites | None = None) -> None:
+        """Set the spuriousness scores (``site name -> [n_features]``) and the sites they refer to.
+
+        Args:
+            scores: a ``Scores`` or a plain dict; ``None`` clears them (the KL term of feature strategies is then
+                skipped).
+            sites: the ``Sites`` the scores were computed on. Default: the current sites if every scored name is
+                among them, else the modules of ``self.model`` with exactly the scored names (neuron granularity,
+                or head granularity when the score lengths say so).
+
+        Raises:
+            ValueError: a scored site that the model does not have, or a score vector of the wrong length.
+        """
+        if scores is None:
+            self.icp_scores = None
+            return
+        names = list(scores)
+        if sites is None:
+            current = self.icp_sites
+            if current is not None and all(n in current for n in names):
+                sites = current
+            else:
+                sites = self._sites_named(names, scores)
+        for name in names:
+            if name not in sites:
+                raise ValueError(f"scores name site {name!r}, which is not among the sites {sites.names}")
+            n = torch.as_tensor(scores[name]).numel()
+            if n != sites[name].n_features:
+                raise ValueError(
+                    f"scores for {name!r} have {n} entries but the site has {sites[name].n_features} features "
+                    f"({sites.granularity} granularity): pass the Sites the scores were computed on"
+                )
+        self.icp_scores = scores
+        self.icp_sites = sites
+
+    def _sites_named(self, names: list[str], scores: Mapping[str, torch.Tensor] | None = None) -> Sites:
+        granularity: Granularity = "neuron"
+        sites = find_sites(self.model, target_modules=names)
+        missing = [n for n in names if n not in sites]
+        if missing:
+            raise ValueError(
+                f"scores name sites {missing} that self.model does not have; pass sites= (the Sites the scores "
+                f"were computed on). Matching modules: {sites.names}"
+            )
+        if scores is not None and any(
+            torch.as_tensor(scores[n]).numel() != sites[n].n_features for n in names
+        ):
+            granularity = "head"
+            sites = find_sites(self.model, target_modules=names, granularity=granularity)
+        return sites.subset(names)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Forward and losses
+
+    @override
+    def forward(self, **inputs: Any) -> Any:
+        """The HF model's outputs on ``inputs`` (entries it does not take are dropped)."""
+        return self.model(**model_inputs(self.model, inputs))
+
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The model's logits on a batch."""
+        return self.model(**model_inputs(self.model, batch)).logits  # type: ignore[no-any-return]
+
+    def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Cross-entropy: per example (classification), or over answer tokens (labels != -100; causal LMs with
+        the shift)."""
+        if "labels" not in batch:
+            raise KeyError(
+                f"training and evaluation batches need 'labels'; the batch has keys {sorted(batch)}"
+            )
+        labels = batch["labels"]
+        if self.task == "sequence_classification":
+            return F.cross_entropy(logits.float(), labels.long())
+        if self.task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        keep = labels != IGNORE_INDEX
+        if not keep.any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long(), ignore_index=IGNORE_INDEX
+        )
+
+    def _answer_mask(self, batch: Mapping[str, Any] | None) -> torch.Tensor | None:
+        if self.task == "sequence_classification" or batch is None:
+            return None
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            return None
+        return answer_token_mask(labels, shift=self.task == "causal_lm")
+
+    def current_kl_weight(self) -> float:
+        """lambda at the current global step."""
+        return kl_weight_at(self.global_step, self.kl_weight, self.kl_schedule, self.kl_warmup_steps)
+
+    def counterfactual_logits(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]] | None:
+        """``(logits on x', answer mask of x', info)`` from the strategy, or ``None`` when it has none."""
+        out = self.counterfactual.build(self.model, batch, self.icp_scores, self.icp_sites)
+        if out is None:
+            return None
+        info = dict(getattr(out, "info", None) or {})
+        cf_logits = getattr(out, "logits", None)
+        if cf_logits is not None:
+            return cf_logits, self._answer_mask(batch), info
+        cf_batch = getattr(out, "batch", None)
+        if cf_batch is None:
+            raise ValueError(
+                f"{type(self.counterfactual).__name__}.build returned neither logits nor a batch"
+            )
+        return self.logits(cf_batch), self._answer_mask(cf_batch), info
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The training objective on one batch.
+
+        Returns:
+            ``loss``, ``task_loss``, ``kl`` (0 when skipped), ``kl_weight`` (lambda_t), ``kl_skipped`` (no
+            counterfactual for this batch although lambda_t > 0), ``info`` (the strategy's diagnostics).
+        """
+        logits = self.logits(batch)
+        task_loss = self.task_loss(logits, batch)
+        weight = self.current_kl_weight()
+        kl: torch.Tensor | None = None
+        info: dict[str, Any] = {}
+        skipped = False
+        if weight != 0:
+            cf = self.counterfactual_logits(batch)
+            if cf is None:
+                skipped = True
+            else:
+                cf_logits, cf_mask, info = cf
+                kl = counterfactual_kl(
+                    logits,
+                    cf_logits,
+                    self.kl_direction,
+                    self.temperature,
+                    mask=self._answer_mask(batch),
+                    cf_mask=cf_mask,
+                    detach_cf=self.detach_cf,
+                )
+        loss = total_loss(task_loss, kl, weight)
+        kl_value = kl if kl is not None else torch.zeros((), device=task_loss.device)
+        return {
+            "loss": loss,
+            "task_loss": task_loss,
+            "kl": kl_value,
+            "kl_weight": weight,
+            "kl_skipped": skipped,
+            "info": info,
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        n = _batch_size(batch)
+        log = {"on_step": True, "on_epoch": True, "batch_size": n, "sync_dist": True}
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, **log)  # type: ignore[arg-type]
+        self.log("train/task_loss", out["task_loss"].detach(), **log)  # type: ignore[arg-type]
+        self.log("train/kl", out["kl"].detach(), **log)  # type: ignore[arg-type]
+        self.log("train/kl_weight", float(out["kl_weight"]), **log)  # type: ignore[arg-type]
+        self.log("train/kl_skipped", float(out["kl_skipped"]), **log)  # type: ignore[arg-type]
+        for key, value in out["info"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.log(f"train/cf/{key}", float(value), **log)  # type: ignore[arg-type]
+        if out["kl_skipped"] and not self._told_skip:
+            rank_zero_info(
+                f"ICPContrastiveModule: the {type(self.counterfactual).__name__} counterfactual has no "
+                "spuriousness scores (or no feature passes tau_c / top_k_c) yet: the KL term is skipped "
+                "(logged as train/kl = 0, train/kl_skipped = 1) until the attribution callback or set_scores() "
+                "provides them"
+            )
+            self._told_skip = True
+        return out["loss"]  # type: ignore[no-any-return]
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class (or next-token) probabilities: ``softmax(logits)``."""
+        return self.logits(batch).float().softmax(-1)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _set_name(self, dataloader_idx: int) -> str:
+        if not 0 <= dataloader_idx < len(self.eval_sets):
+            raise ValueError(
+                f"got dataloader_idx {dataloader_idx} but eval_sets names {len(self.eval_sets)} set(s) "
+                f"{self.eval_sets}: pass eval_sets=[...] with one name per evaluation dataloader"
+            )
+        return self.eval_sets[dataloader_idx]
+
+    def _metric_inputs(
+        self, logits: torch.Tensor, batch: Mapping[str, Any], cf_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(logits [M, C], targets [M], groups [M] or None, cf logits [M, C] or None)``: one row per example,
+        or per answer token for language models."""
+        groups = next((batch[k] for k in _GROUP_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+        labels = batch["labels"]
+        if self.task == "sequence_classification":
+            return logits, labels, groups, cf_logits
+        mask = self._answer_mask(batch)
+        assert mask is not None
+        target = labels[:, 1:] if self.task == "causal_lm" else labels
+        target_at = torch.zeros_like(labels)
+        target_at[:, : target.shape[1]] = target
+        rows = logits[mask]
+        row_groups = groups.reshape(-1, 1).expand(mask.shape)[mask] if groups is not None else None
+        cf_rows = None
+        if cf_logits is not None and cf_logits.shape == logits.shape:
+            cf_rows = cf_logits[mask]
+        return rows, target_at[mask], row_groups, cf_rows
+
+    def _eval_step(self, stage: Literal["val", "test"], batch: dict[str, Any], dataloader_idx: int) -> None:
+        name = self._set_name(dataloader_idx)
+        logits = self.logits(batch)
+        loss = self.task_loss(logits, batch)
+        self.log(
+            f"{stage}/{name}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            add_dataloader_idx=False,
+            sync_dist=True,
+            batch_size=_batch_size(batch),
+        )
+        cf_logits = None
+        if any(k.startswith(CF_PREFIX) for k in batch):
+            cf_logits = self.logits(counterfactual_batch(batch))
+        rows, target, groups, cf_rows = self._metric_inputs(logits, batch, cf_logits)
+        self._metrics(stage, name).update(rows, target, groups=groups)
+        if cf_rows is not None:
+            self._flip(stage, name).update(rows.argmax(-1), cf_rows.argmax(-1))
+            self._seen[stage].add(f"{name}/flip")
+        self._seen[stage].add(name)
+
+    def _metrics(self, stage: str, name: str) -> ReliabilityMetrics:
+        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[name]
+        assert isinstance(metrics, ReliabilityMetrics)
+        return metrics
+
+    def _flip(self, stage: str, name: str) -> CounterfactualFlipRate:
+        flip = (self.val_flip if stage == "val" else self.test_flip)[name]
+        assert isinstance(flip, CounterfactualFlipRate)
+        return flip
+
+    def _log_metrics(self, stage: Literal["val", "test"]) -> None:
+        for name in self.eval_sets:
+            metrics, flip = self._metrics(stage, name), self._flip(stage, name)
+            if name in self._seen[stage]:
+                values = dict(metrics.compute())
+                if f"{name}/flip" in self._seen[stage]:
+                    values["flip_rate"] = flip.compute()
+                if self.task != "sequence_classification" and "nll" in values:
+                    values["ppl"] = values["nll"].exp()
+                for key, value in values.items():
+                    self.log(
+                        f"{stage}/{name}/{key}",
+                        value.float(),
+                        add_dataloader_idx=False,
+                        sync_dist=True,
+                    )
+            metrics.reset()
+            flip.reset()
+        self._seen[stage].clear()
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_fn is None:
+            optimizer = torch.optim.AdamW(
+                params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+            )
+        else:
+            optimizer = self.optimizer_fn(params)
+        if self.lr_scheduler_fn is None:
+            return optimizer
+        scheduler = self.lr_scheduler_fn(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = f"val/{self.eval_sets[0]}/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints and export
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.icp_scores is not None and self.icp_sites is not None:
+            checkpoint["icp_scores"] = {
+                name: torch.as_tensor(value).detach().float().cpu() for name, value in self.icp_scores.items()
+            }
+            checkpoint["icp_sites"] = {
+                "names": self.icp_sites.names,
+                "granularity": self.icp_sites.granularity,
+            }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        scores = checkpoint.get("icp_scores")
+        sites = checkpoint.get("icp_sites")
+        if scores is None or sites is None:
+            return
+        names = list(sites["names"])
+        found = find_sites(self.model, target_modules=names, granularity=sites["granularity"])
+        self.set_scores(dict(scores), found.subset(names))
+
+    def merge_and_export(self, path: str | Path, tokenizer: Any = None) -> Path:
+        """Save a plain Hugging Face model to ``path`` (``save_pretrained``), LoRA adapters merged in.
+
+        The module keeps its adapters (a copy is merged). Pruning masks applied through forward hooks are not
+        part of the weights: fold them into the weights before exporting (see ``icp_lightning.core.masks``).
+
+        Args:
+            path: output directory.
+            tokenizer: also saved there when given.
+
+        Returns:
+            The output directory.
+        """
+        out = Path(path)
+        model: Any = copy.deepcopy(self.model).merge_and_unload() if self.is_peft else self.model  # type: ignore[operator]
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "labels"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
+    return 1
