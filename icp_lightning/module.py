@@ -192,6 +192,12 @@ class ICPContrastiveModule(pl.LightningModule):
     ``cf_input_ids`` / ``cf_attention_mask`` (then the counterfactual flip rate is logged). Both the clean and
     the counterfactual forward run in train mode during training: with dropout, the KL term is nonzero even
     for x' = x (as in R-Drop).
+
+    Checkpoints: ``load_from_checkpoint(path)`` rebuilds the module from its hyperparameters when ``model``
+    was a name or path; arguments a checkpoint cannot hold as plain data (a model object, a strategy object,
+    callables such as ``optimizer`` or a callable ``kl_schedule``, a tokenizer in ``counterfactual_kwargs``)
+    are not saved: pass them again, e.g. ``load_from_checkpoint(path, model=<same init arg>)``. A PEFT config
+    is saved as a plain dict. The scores and site names are saved too and restored on load.
     """
 
     def __init__(
@@ -512,7 +518,7 @@ class ICPContrastiveModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
         n = _batch_size(batch)
-        log = {"on_step": True, "on_epoch": True, "batch_size": n, "sync_dist": True}
+        log = {"on_step": True, "on_epoch": True, "batch_size": n}
         self.log("train/loss", out["loss"].detach(), prog_bar=True, **log)  # type: ignore[arg-type]
         self.log("train/task_loss", out["task_loss"].detach(), **log)  # type: ignore[arg-type]
         self.log("train/kl", out["kl"].detach(), **log)  # type: ignore[arg-type]

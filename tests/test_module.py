@@ -103,7 +103,7 @@ def hooked_logits(model: torch.nn.Module, batch: dict[str, Any], feats: list[int
 
 def kl_by_hand(logits: torch.Tensor, cf: torch.Tensor, direction: str) -> torch.Tensor:
     """Mean over rows of KL / JS, written as explicit sums p * log(p / q)."""
-    p, q = logits.float().softmax(-1), cf.float().softmax(-1)
+    p, q = logits.double().softmax(-1), cf.double().softmax(-1)
 
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * (a / b).log()).sum(-1)
@@ -115,7 +115,7 @@ def kl_by_hand(logits: torch.Tensor, cf: torch.Tensor, direction: str) -> torch.
     else:
         m = (p + q) / 2
         per_row = 0.5 * kl(p, m) + 0.5 * kl(q, m)
-    return per_row.mean()
+    return per_row.mean().float()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -482,3 +482,54 @@ def test_causal_lm_fit_and_token_metrics() -> None:
     correct = (logits[:, :-1].argmax(-1) == labels[:, 1:])[keep].float()
     assert float(metrics["val/val/acc"]) == pytest.approx(float(correct.mean()), abs=1e-6)
     assert float(metrics["val/val/ppl"]) == pytest.approx(math.exp(float(metrics["val/val/nll"])), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Seq2seq: decoder labels, aligned (no shift)
+
+
+def test_seq2seq_loss_and_kl_over_decoder_labels() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=32,
+        d_model=16,
+        d_kv=8,
+        d_ff=16,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
+        initializer_factor=5.0,
+    )
+    model = transformers.T5ForConditionalGeneration(cfg)
+    module = ICPContrastiveModule(model, task="seq2seq", counterfactual_kwargs={"kind": "mask"}, top_k_c=3)
+    site = "encoder.block.0.layer.1.DenseReluDense.wo"
+    s = torch.zeros(16)
+    s[[1, 2, 3]] = 1.0
+    module.set_scores({site: s})
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 32, (3, 5), generator=gen)
+    labels = torch.randint(2, 32, (3, 4), generator=gen)
+    labels[0, -1] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    out = module.compute_loss(batch)
+
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).logits
+
+    def hook(m: torch.nn.Module, args: tuple) -> tuple:
+        h = args[0].clone()
+        h[..., [1, 2, 3]] = 0.0
+        return (h,)
+
+    handle = dict(model.named_modules())[site].register_forward_pre_hook(hook)
+    try:
+        cf = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).logits
+    finally:
+        handle.remove()
+    keep = labels != -100
+    ce = -logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][keep].mean()
+    torch.testing.assert_close(out["task_loss"], ce)
+    torch.testing.assert_close(out["kl"], kl_by_hand(logits[keep], cf[keep], "forward"))
+    assert float(out["kl"].detach()) > 1e-3
