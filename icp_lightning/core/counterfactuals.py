@@ -298,9 +298,14 @@ class _FeatureCounterfactual:
 
     @torch.no_grad()
     def _targets(
-        self, model: nn.Module, batch: Mapping[str, Any], sites: Sites, feats: Mapping[str, torch.Tensor]
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        sites: Sites,
+        feats: Mapping[str, torch.Tensor],
+        with_clean: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Site inputs under do(h = v) (the target) and on the clean input, both from eval-mode passes."""
+        """Site inputs under do(h = v) (the target) and, if asked, on the clean input; eval-mode passes."""
         intervention = self._intervention(model, batch, sites)
         target: dict[str, torch.Tensor] = {}
         clean: dict[str, torch.Tensor] = {}
@@ -308,8 +313,9 @@ class _FeatureCounterfactual:
             # intervene's hooks are registered first, so the capture sees the intervened value.
             with intervene(sites, feats, intervention), capture_site_inputs(sites, target):
                 model(**model_inputs(model, batch))
-            with capture_site_inputs(sites, clean):
-                model(**model_inputs(model, batch))
+            if with_clean:
+                with capture_site_inputs(sites, clean):
+                    model(**model_inputs(model, batch))
         return target, clean
 
 
@@ -501,7 +507,7 @@ class InversionCounterfactual(_FeatureCounterfactual):
             )
         embedding = _input_embeddings(model)
         weight = embedding.weight.detach()
-        target, clean = self._targets(model, batch, sub, feats)
+        target, clean = self._targets(model, batch, sub, feats, with_clean=self.keep_weight > 0)
         positions = _position_mask(batch, ids.shape, ids.device)
         special = torch.tensor(
             _special_ids(model, self.special_token_ids), dtype=torch.long, device=ids.device

@@ -250,6 +250,25 @@ def test_inversion_reduces_the_mismatch_and_moves_the_feature_toward_v() -> None
     torch.testing.assert_close(out.batch["inputs_embeds"][frozen], emb[frozen].detach())
 
 
+def test_inversion_keep_weight_keeps_the_other_columns_near_their_clean_values() -> None:
+    model = trigger_bert()
+    batch = trigger_batch()
+    module = dict(model.named_modules())[SITE]
+    clean = site_input(model, module, **batch)
+    others = [i for i in range(8) if i not in PLANTED]
+    drift = {}
+    for keep in (0.0, 10.0):
+        cf = InversionCounterfactual(
+            steps=10, tau_c=0.5, project_to_tokens=False, keep_weight=keep, special_token_ids=SPECIAL
+        )
+        out = cf.build(model, batch, planted_scores(), ffn_sites(model))
+        assert out is not None and out.batch is not None
+        h = site_input(model, module, **out.batch)
+        drift[keep] = float(((h - clean)[..., others] ** 2).sum())
+        assert out.info["final_error"] < 0.1 * out.info["initial_error"]
+    assert drift[10.0] < drift[0.0]
+
+
 def test_inversion_projects_onto_tokens_and_replaces_the_trigger() -> None:
     model = trigger_bert()
     batch = trigger_batch()
