@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 from icp_lightning.core.sites import find_sites
 from icp_lightning.module import ICPContrastiveModule
 
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+
 SITE = "bert.encoder.layer.0.output.dense"
 FEATS = [1, 3, 6]
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "he", "she", "his", "her", "man", "woman"]
