@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -365,6 +367,68 @@ class _SitePatch:
             del self.site.module.forward
 
 
+class _FirstTokenReadout:
+    """Fast path for encoders whose classification head reads only the first token (BERT, RoBERTa).
+
+    In the last layer, keys and values still need every position, but queries, the attention output, the FFN
+    and the residuals are computed for position 0 alone; the layer returns ``[B, 1, D]``, which is all the
+    pooler / head reads. Written by hand because no library computes "only what the head reads". Used only when
+    the site lies before the last layer; the replay check validates it like the rest of the replay.
+    """
+
+    HEADS = ("BertForSequenceClassification", "RobertaForSequenceClassification",
+             "XLMRobertaForSequenceClassification")  # fmt: skip
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    @classmethod
+    def for_site(cls, model: nn.Module, site_name: str) -> _FirstTokenReadout | None:
+        if type(model).__name__ not in cls.HEADS:
+            return None
+        base = getattr(model, "bert", None) or getattr(model, "roberta", None)
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
+            return None
+        last = layers[len(layers) - 1]
+        modules = dict(model.named_modules())
+        if any(m is last for n, m in modules.items() if site_name.startswith(n + ".") or n == site_name):
+            return None  # the site is inside the last layer
+        attn = getattr(getattr(last, "attention", None), "self", None)
+        if attn is None or not all(
+            hasattr(attn, a) for a in ("query", "key", "value", "attention_head_size")
+        ):
+            return None
+        return cls(last)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *a: Any, **k: Any
+    ):
+        layer = self.layer
+        sa = layer.attention.self
+        b, t, _ = hidden_states.shape
+        hd = sa.attention_head_size
+        first = hidden_states[:, :1]
+        q = sa.query(first).view(b, 1, -1, hd).transpose(1, 2)
+        key = sa.key(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+        val = sa.value(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+            mask = mask[..., :1, :]
+        ctx = F.scaled_dot_product_attention(q, key, val, attn_mask=mask, scale=getattr(sa, "scaling", None))
+        ctx = ctx.transpose(1, 2).reshape(b, 1, -1)
+        attn_out = layer.attention.output(ctx, first)
+        return layer.output(layer.intermediate(attn_out), attn_out)
+
+    def __enter__(self) -> _FirstTokenReadout:
+        self.layer.forward = self.forward  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if "forward" in self.layer.__dict__:
+            del self.layer.forward
+
+
 def _rank1_ok(module: nn.Module) -> bool:
     plain = type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
     return plain and not module._forward_hooks and not module._forward_pre_hooks
@@ -481,6 +545,7 @@ class _Engine:
         self.checked: dict[str, bool] = {}
         self.width = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
         self.stats = {"forwards": 0, "rows": 0, "fallback_sites": 0}
+        self.readout_fast_path = True
 
     def run_batch(
         self,
@@ -521,12 +586,17 @@ class _Engine:
                     )
             use_replay = use_replay and self.checked.get(name, False)
             plan = _prefix_plan(trace, trace.site_start[name]) if use_replay else {}
+            readout = self._readout(name)
             for start in range(0, feats.numel(), k):
                 chunk = feats[start : start + k].to(h.device)
                 kk = chunk.numel()
                 big_inputs = _repeat_rows(inputs, kk, n)
                 if use_replay:
-                    with _Replay(plan, kk, n), _SitePatch(site, h, trace.site_out[name], delta, chunk):
+                    with (
+                        _Replay(plan, kk, n),
+                        _SitePatch(site, h, trace.site_out[name], delta, chunk),
+                        readout,
+                    ):
                         out = model(**big_inputs)
                 else:
                     with _RowIntervention(site, delta, chunk):
@@ -537,6 +607,10 @@ class _Engine:
                 acc.add(name, chunk, _effect_totals(m0, m, batch_metric, n), n)
                 bar.update(kk)
 
+    def _readout(self, site_name: str) -> Any:
+        fast = _FirstTokenReadout.for_site(self.model, site_name) if self.readout_fast_path else None
+        return fast if fast is not None else contextlib.nullcontext()
+
     def _check_replay(
         self, trace: _Trace, site: Site, h: torch.Tensor, batch: Mapping[str, Any], m0: torch.Tensor, n: int
     ) -> bool:
@@ -544,7 +618,11 @@ class _Engine:
         zero = torch.zeros_like(h)
         feats = torch.zeros(1, dtype=torch.long, device=h.device)
         try:
-            with _Replay(plan, 1, n), _SitePatch(site, h, trace.site_out[site.name], zero, feats):
+            with (
+                _Replay(plan, 1, n),
+                _SitePatch(site, h, trace.site_out[site.name], zero, feats),
+                self._readout(site.name),
+            ):
                 out = self.model(**model_inputs(self.model, batch))
             m = _metric_rows(self.metric, out, batch, 1, n)[0]
         except Exception as err:  # an architecture the replay cannot handle: fall back, exactly
