@@ -501,11 +501,11 @@ class CausalAttributionCallback(Callback):
             self.round += 1
             self.epoch = trainer.current_epoch
             seconds = time.perf_counter() - start
+            directory = self._directory(trainer)  # a broadcast: every rank
+            self._log_round(trainer, scores, directory, seconds)
             self._notify_module(pl_module)
             for listener in list(self._listeners):
                 listener(trainer, pl_module, self)
-            directory = self._directory(trainer)  # a broadcast: every rank
-            self._log_round(trainer, scores, directory, seconds)
         return scores
 
     def _notify_module(self, pl_module: pl.LightningModule) -> None:
