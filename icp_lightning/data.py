@@ -455,7 +455,20 @@ def _load_files(files: str | Sequence[str], split: str, given: str | None) -> Da
     kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
     builder = "csv" if fmt == "tsv" else fmt
     expanded = [os.path.expanduser(p) for p in paths]
-    return load_dataset(builder, data_files={"train": expanded}, split="train", **kwargs)
+    try:
+        return load_dataset(builder, data_files={"train": expanded}, split="train", **kwargs)
+    except Exception as err:  # datasets / pandas say "no data" in several ways
+        chain: list[str] = []
+        cause: BaseException | None = (
+            err  # the cause chain: DatasetGenerationError wraps pandas' EmptyDataError
+        )
+        while cause is not None and len(chain) < 5:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        text = " | ".join(chain)
+        if "corresponds to no data" in text or "EmptyDataError" in text or "No columns to parse" in text:
+            raise ValueError(f"split {split!r} is empty (0 rows): {paths} hold no data rows") from err
+        raise
 
 
 def _check_names(names: Sequence[str], what: str) -> None:
