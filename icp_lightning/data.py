@@ -539,7 +539,8 @@ class ICPDataModule(pl.LightningDataModule):
             has it. ``None``: the recipe's, or the planted ``cf_text`` with ``shortcut_token``.
         label_map: string label -> class id (e.g. ``{"fresh": 1, "rotten": 0}``); every label must be a key
             (non-string labels are looked up as ``str(label)``).
-        num_labels: the number of classes; ``None``: from ``label_map``, else the largest training label + 1.
+        num_labels: the number of classes; ``None``: the recipe's, else from ``label_map``, else the largest
+            training label + 1.
         max_length: the longest tokenised sequence (truncating longer ones).
         batch_size: training batch size.
         eval_batch_size: evaluation batch size (``None``: ``batch_size``).
@@ -570,14 +571,15 @@ class ICPDataModule(pl.LightningDataModule):
     Raises:
         ValueError: bad arguments (the message lists allowed values); at :meth:`setup`, bad data: a missing
             column (listing the columns), an empty split, an unmapped or out-of-range label (naming the value
-            and row), or a text that tokenises to nothing (naming the row).
+            and row), or a text that tokenises to nothing (naming the row). Rows count from 0 in the order of
+            the split (of the file, for local files).
         MissingDataError: a recipe's package is not installed (the message has the pip line).
 
     Example:
         >>> dm = ICPDataModule("minilm", recipe="rotten_tomatoes", shortcut_token="zeugma", heldout_size=64)
-        >>> dm.eval_set_names
-        ['id', 'ood', 'clean', 'heldout']
-        >>> dm.setup()  # doctest: +SKIP
+        >>> dm.eval_set_names, dm.num_labels, dm.num_groups
+        (['id', 'ood', 'clean', 'heldout'], 2, 4)
+        >>> module = ICPContrastiveModule("minilm-path", eval_sets=dm.eval_set_names, num_groups=dm.num_groups)  # doctest: +SKIP
         >>> trainer.fit(module, datamodule=dm)  # doctest: +SKIP
     """
 
@@ -724,6 +726,8 @@ class ICPDataModule(pl.LightningDataModule):
         default_cf = spec.cf_text_column if spec is not None and shortcut_token is None else None
         self.cf_text_column = cf_text_column if cf_text_column is not None else default_cf
         self.label_map = dict(label_map) if label_map is not None else None
+        if num_labels is None and label_map is None and spec is not None:
+            num_labels = spec.num_labels
         self._num_labels = num_labels
         self.max_length = max_length
         self.batch_size = batch_size

@@ -655,6 +655,7 @@ class Recipe:
         eval_splits: evaluation set name -> split, in order.
         text_pair_column: the second text of sentence-pair tasks (``None``: single texts).
         cf_text_column: a column of paired counterfactual texts, if the data set has one.
+        num_labels: the number of classes of ``label``.
         description: one line for listings.
 
     Example:
@@ -667,6 +668,7 @@ class Recipe:
     eval_splits: dict[str, str] = field(default_factory=lambda: {"test": "test"})
     text_pair_column: str | None = None
     cf_text_column: str | None = None
+    num_labels: int = 2
     description: str = ""
 
     def __call__(self, **kwargs: Any) -> DatasetDict:
