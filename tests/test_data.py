@@ -47,7 +47,6 @@ def _has(text: str) -> bool:
 
 @pytest.fixture(scope="module")
 def tokenizer_path() -> str:
-    pytest.importorskip("transformers")
     try:
         return recipes.resolve_pretrained("minilm")
     except MissingDataError as err:
