@@ -85,6 +85,9 @@ def load_hf_model(
         )
     import transformers
 
+    from icp_lightning.recipes import resolve_pretrained
+
+    model = resolve_pretrained(str(model))  # offline aliases such as "minilm"
     kwargs = dict(model_kwargs or {})
     if task == "sequence_classification":
         return transformers.AutoModelForSequenceClassification.from_pretrained(  # type: ignore[no-any-return]
