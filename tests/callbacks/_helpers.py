@@ -14,11 +14,22 @@ from collections.abc import Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tests.conftest import TINY_CONFIGS, tiny_batch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run a test on one intra-op thread (restored after): on a small shared machine, two threads fighting
+    other processes for two cores make these tiny models about ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:

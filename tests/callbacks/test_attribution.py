@@ -20,7 +20,14 @@ from icp_lightning.core.effects import Effects, causal_effects
 from icp_lightning.core.masks import apply_masks, get_masks, make_permanent
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import find_sites
-from tests.callbacks._helpers import DictDataset, TinyClassifier, loader, tiny_bert, trainer
+from tests.callbacks._helpers import (
+    DictDataset,
+    TinyClassifier,
+    loader,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_bert,
+    trainer,
+)
 from tests.conftest import tiny_batch
 
 FAST = dict(progress=False, max_batches=2)

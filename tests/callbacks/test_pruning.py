@@ -20,7 +20,12 @@ from icp_lightning.callbacks import (
 from icp_lightning.core.masks import effective_weight, get_masks
 from icp_lightning.core.scores import Scores
 from icp_lightning.core.sites import find_sites
-from tests.callbacks._helpers import TinyClassifier, tiny_bert, trainer
+from tests.callbacks._helpers import (
+    TinyClassifier,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_bert,
+    trainer,
+)
 
 ATTR = dict(progress=False, max_batches=1)
 
