@@ -53,7 +53,8 @@ class ReliabilityReport(Callback):
         self._rows: list[tuple[str, dict[str, float]]] = []
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks run that hook before the LightningModule logs its metrics.
         if trainer.sanity_checking:
             return
         metrics = {
