@@ -359,6 +359,14 @@ class CausalAttributionCallback(Callback):
                     "use DDP or ModelParallelStrategy(tensor_parallel_size=1)"
                 )
 
+        if self.method == "screened" and trainer.world_size > 1:
+            rank_zero_warn(
+                "method='screened' on several processes: each rank picks the features it computes exactly from "
+                "the gradient ranking of its own batches, so a feature's effect can mix exact and gradient "
+                "values (still identical on all ranks, but not equal to a single-process screened run). Use "
+                "method='exact' or 'gradient' for results independent of the number of processes"
+            )
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoint state is restored by now (for every strategy): hand restored scores to the module.
@@ -590,39 +598,43 @@ def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+_GROUP_FLAGS = ("post_forward_mesh_info", "reshard_after_backward", "reduce_grads", "all_reduce_grads")
+
+
 @contextmanager
 def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
     """Gather every FSDP2 module's parameters once and keep them unsharded until the context ends.
 
-    Without this, every forward of a ``fully_shard`` module all-gathers its parameters, a collective that all
-    ranks must join in the same order; ranks holding different numbers of attribution batches would hang.
+    Without this, every forward of a ``fully_shard`` module all-gathers its parameters (and a backward, for the
+    gradient method, reshards and reduce-scatters), collectives that all ranks must join in the same order;
+    ranks holding different numbers of attribution batches would hang. Inside, resharding after forward and
+    backward and gradient reduction are off; on exit the previous settings are put back (FSDP2 has setters but
+    no getters for them, so they are saved from the parameter groups) and the parameters are resharded.
     """
     if not modules:
         yield
         return
     saved = []
-    for module in modules:  # remember reshard_after_forward (no public getter) to put it back exactly
+    for module in modules:
         state = module._get_fsdp_state()  # type: ignore[operator]
         groups = list(getattr(state, "_fsdp_param_groups", []))
-        saved.append(
-            (
-                state,
-                getattr(state, "_auto_reshard_after_forward", None),
-                [(g, g.post_forward_mesh_info) for g in groups],
-            )
-        )
+        flags = [(g, {k: getattr(g, k) for k in _GROUP_FLAGS if hasattr(g, k)}) for g in groups]
+        saved.append((state, getattr(state, "_auto_reshard_after_forward", None), flags))
     try:
         for module in modules:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+            module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
         for module in modules:  # the same modules in the same order on every rank: one all-gather each
             module.unshard()  # type: ignore[operator]
         yield
     finally:
-        for state, auto, groups in saved:
+        for state, auto, flags in saved:
             if auto is not None:
                 state._auto_reshard_after_forward = auto
-            for group, info in groups:
-                group.post_forward_mesh_info = info
+            for group, values in flags:
+                for key, value in values.items():
+                    setattr(group, key, value)
         for module in modules:
             module.reshard()  # type: ignore[operator]
 

@@ -1,6 +1,6 @@
 """Two-process CPU worker for ``test_distributed.py``: fit a tiny BERT with both ICP callbacks under DDP or FSDP2.
 
-Run as ``python -m tests.callbacks._dist_worker {ddp,fsdp2} OUT_DIR`` from the repository root; Lightning
+Run as ``python -m tests.callbacks._dist_worker {ddp,fsdp2} OUT_DIR [exact|gradient]`` from the repository root; Lightning
 starts the second process itself (it runs this module again with the rank in the environment). Each rank
 writes ``OUT_DIR/rank{r}.pt``: per round the scores and effects (sums, counts) and the masks chosen, and at the
 end the masks on the model and the largest |effective weight| on pruned columns. Rank 0 also writes, per round,
@@ -105,7 +105,7 @@ class Record(pl.Callback):
         )
 
 
-def main(kind: str, out: Path) -> None:
+def main(kind: str, out: Path, method: str = "exact") -> None:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
     if kind == "ddp":
@@ -123,7 +123,10 @@ def main(kind: str, out: Path) -> None:
     else:
         raise SystemExit(f"unknown kind {kind!r}: ddp or fsdp2")
     attribution = CausalAttributionCallback(
-        interventions=("mask", "scale"), dataset_weights={"id": 1.0, "ood": -1.0}, progress=False
+        interventions=("mask", "scale"),
+        dataset_weights={"id": 1.0, "ood": -1.0},
+        progress=False,
+        method=method,
     )
     pruning = CausalPruningCallback(amount=0.1, verbose=False)
     record = Record(out, attribution, pruning)
@@ -147,4 +150,4 @@ def main(kind: str, out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:4])

@@ -36,13 +36,13 @@ from tests.callbacks._helpers import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_worker(kind: str, out: Path) -> list[dict]:
+def _run_worker(kind: str, out: Path, method: str = "exact") -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
         env.pop(key, None)
     # A new session, so that on a hang both ranks (Lightning starts rank 1 itself) are killed, not only rank 0.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.callbacks._dist_worker", kind, str(out)],
+        [sys.executable, "-m", "tests.callbacks._dist_worker", kind, str(out), method],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -57,7 +57,7 @@ def _run_worker(kind: str, out: Path) -> list[dict]:
     return ranks
 
 
-def _reference_round(out: Path, round_index: int):
+def _reference_round(out: Path, round_index: int, method: str = "exact"):
     """One process, all batches: effects and scores of the state round ``round_index`` was computed on."""
     model = tiny_bert().eval()
     state = torch.load(out / f"round{round_index}_state.pt", weights_only=True)
@@ -70,12 +70,14 @@ def _reference_round(out: Path, round_index: int):
         batches = list(dl)
         assert len(batches) == 3
         for iv in ("mask", "scale"):
-            effects[(iv, "label_logprob", ds)] = causal_effects(model, batches, sites, iv, progress=False)
+            effects[(iv, "label_logprob", ds)] = causal_effects(
+                model, batches, sites, iv, method=method, progress=False
+            )
     scores = spuriousness(effects, dataset_weights={"id": 1.0, "ood": -1.0}, reduction="signed")
     return effects, scores
 
 
-def _check(kind: str, out: Path, ranks: list[dict]) -> None:
+def _check(kind: str, out: Path, ranks: list[dict], method: str = "exact") -> None:
     r0, r1 = ranks
     assert len(r0["rounds"]) == len(r1["rounds"]) == ROUNDS
     previous = None
@@ -92,7 +94,7 @@ def _check(kind: str, out: Path, ranks: list[dict]) -> None:
             assert torch.equal(a["masks"][name], b["masks"][name]), (kind, index, name)
 
         # equal to one process over the same examples
-        effects, scores = _reference_round(out, index)
+        effects, scores = _reference_round(out, index, method)
         for (iv, metric, ds), eff in effects.items():
             got = a["effects"][f"{iv}|{metric}|{ds}"]
             for name in eff.sums:
@@ -108,6 +110,7 @@ def _check(kind: str, out: Path, ranks: list[dict]) -> None:
             assert torch.equal(a["masks"][name], expected[name]), (kind, index, name)
         previous = a["masks"]
 
+    assert previous is not None
     pruned = sum(int((m == 0).sum()) for m in previous.values())
     assert pruned == 14 + 12 + 11  # round(0.1 * remaining) per round over 138 features
     for rank in ranks:
@@ -129,3 +132,11 @@ def test_fsdp2_fully_shard_two_processes_match_each_other_and_one_process(tmp_pa
     ranks = _run_worker("fsdp2", tmp_path)
     assert ranks[0]["strategy"] == "ModelParallelStrategy"
     _check("fsdp2", tmp_path, ranks)
+
+
+@pytest.mark.slow
+def test_fsdp2_gradient_method_backward_inside_the_gathered_parameters(tmp_path):
+    """The gradient method runs a backward per batch: FSDP2 must neither reshard nor reduce-scatter there,
+    or the rank with more batches waits forever for the other's all-gather."""
+    ranks = _run_worker("fsdp2", tmp_path, "gradient")
+    _check("fsdp2-gradient", tmp_path, ranks, "gradient")
