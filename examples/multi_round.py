@@ -29,6 +29,7 @@ train, val = DataLoader(rows[:64], batch_size=16), DataLoader(rows[64:], batch_s
 attribution = CausalAttributionCallback(method="gradient", every_n_epochs=1, progress=False)
 pruning = CausalPruningCallback(amount=lambda round_: [0.02, 0.04, 0.08][min(round_, 2)], scope="global")
 trainer = pl.Trainer(max_epochs=3, callbacks=[attribution, pruning], logger=False, enable_checkpointing=False,
+                     default_root_dir="runs/examples",
                      enable_progress_bar=False, accelerator="cpu")  # fmt: skip
 trainer.fit(module, train, val)
 pruned = sum(int((m == 0).sum()) for m in pruning.masks.values())

@@ -52,6 +52,7 @@ attribution = CausalAttributionCallback(
 )
 pruning = CausalPruningCallback(amount=0.05, scope="global")
 trainer = pl.Trainer(max_epochs=3, callbacks=[attribution, pruning], logger=False, enable_checkpointing=False,
+                     default_root_dir="runs/examples",
                      enable_progress_bar=False, accelerator="cpu")  # fmt: skip
 trainer.fit(MyClassifier(), train_dataloaders=loader(0, True), val_dataloaders=loader(3, True))
 print("top features:", attribution.scores.top_k(5))
