@@ -66,6 +66,12 @@ __all__ = ["AttributionListener", "CausalAttributionCallback"]
 AttributionListener = Callable[["pl.Trainer", "pl.LightningModule", "CausalAttributionCallback"], None]
 
 _ON = ("validation_epoch_end", "train_epoch_end")
+_FSDP1_MESSAGE = (
+    "the ICP callbacks do not support FSDPStrategy (FSDP1): the Hugging Face model's parameters are flattened "
+    "and sharded, and only a forward through the FSDP root wrapper gathers them, so the attribution engine "
+    "cannot run the inner model or read site weights. Use ModelParallelStrategy with fully_shard (FSDP2) in "
+    "configure_model, or DDP"
+)
 _GRANULARITIES = ("neuron", "head")
 _REDUCTIONS = ("signed", "abs")
 
@@ -343,6 +349,10 @@ class CausalAttributionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(_FSDP1_MESSAGE)
         self._resolve_sites(pl_module)
 
     @override
@@ -584,10 +594,7 @@ def _check_not_fsdp1(pl_module: nn.Module) -> None:
     except Exception:  # pragma: no cover - torch without distributed
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
-        raise ValueError(
-            "the ICP callbacks do not support FSDPStrategy (FSDP1): its flat parameters hide the site weights "
-            "and every forward is a collective. Use ModelParallelStrategy with fully_shard (FSDP2) or DDP"
-        )
+        raise ValueError(_FSDP1_MESSAGE)
 
 
 def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
@@ -623,8 +630,9 @@ def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
     try:
         for module in modules:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
-            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
-            module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
+            for setter in ("set_reshard_after_backward", "set_requires_gradient_sync"):  # not in every torch
+                if hasattr(module, setter):
+                    getattr(module, setter)(False, recurse=False)
         for module in modules:  # the same modules in the same order on every rank: one all-gather each
             module.unshard()  # type: ignore[operator]
         yield

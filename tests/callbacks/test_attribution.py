@@ -351,3 +351,14 @@ def test_drop_in_around_a_plain_lightning_module(tmp_path):
         if not bool(expected.any()):  # min_keep=1: the lowest score survives
             expected[torch.argmin(cb.scores[name])] = 1.0
         assert torch.equal(mask, expected)
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
+    """FSDPStrategy needs a GPU, so only the refusal is testable here (see the module docstring)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ValueError, match=r"do not support FSDPStrategy \(FSDP1\).*ModelParallelStrategy"):
+        CausalAttributionCallback(**FAST).setup(fake, TinyClassifier(), "fit")
