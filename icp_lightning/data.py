@@ -17,6 +17,18 @@ Batches are dicts of tensors::
     cf_input_ids    [B, T] int64, padded to the same T (paired counterfactual text, when there is one)
     cf_attention_mask / cf_token_type_ids  [B, T]
 
+With ``task="causal_lm"`` the data are text for a causal language model: a prompt and an answer
+(``prompt_column`` / ``answer_column``), or one text (``text_column`` alone) that is all answer. Then
+``labels`` are token labels::
+
+    labels          [B, T] int64: the token id on answer tokens, -100 on the prompt, special tokens and padding
+    cf_labels       [B, T] int64 (with a counterfactual): the same for the counterfactual row
+
+so the loss and the KL of :class:`~icp_lightning.module.ICPContrastiveModule` (``task="causal_lm"``) and the
+``target_logprob`` metric of the attribution engine count answer tokens only. A minimal pair (CrowS-Pairs'
+``sent_more`` / ``sent_less``: ``text_column`` and ``cf_text_column``) is two whole sentences, each all
+answer.
+
 Example:
     >>> dm = ICPDataModule("minilm", recipe="imdb_sample", shortcut_token="zeugma", batch_size=4, max_length=32)
     >>> dm.eval_set_names
@@ -28,6 +40,7 @@ Example:
      'labels', 'token_type_ids']
     >>> batch["input_ids"].shape == batch["cf_input_ids"].shape
     True
+    >>> pairs = ICPDataModule("smollm2", recipe="crows_pairs", task="causal_lm", train_split="test")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -51,8 +64,10 @@ from typing_extensions import override
 from icp_lightning.recipes import RECIPES, load_recipe, resolve_pretrained
 
 __all__ = [
+    "DataTask",
     "ICPCollator",
     "ICPDataModule",
+    "PairLabels",
     "ShortcutMode",
     "ShortcutPosition",
     "insert_token",
@@ -62,10 +77,13 @@ __all__ = [
 ShortcutMode = Literal["id", "ood", "clean"]
 ShortcutPosition = Literal["start", "end", "random"]
 FileFormat = Literal["csv", "tsv", "json", "parquet"]
+DataTask = Literal["sequence_classification", "causal_lm"]
+PairLabels = Literal["full", "shared_suffix"]
 
 _MODES: tuple[str, ...] = get_args(ShortcutMode)
 _POSITIONS: tuple[str, ...] = get_args(ShortcutPosition)
 _SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+_IGNORE_INDEX = -100
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip")
 _EXTENSIONS: dict[str, str] = {
     ".csv": "csv",
@@ -298,9 +316,116 @@ def _segment_counts(enc: Any, i: int, special: list[int], has_pair: bool) -> lis
     return [sum(1 for s in sequence_ids if s == seg) for seg in (0, 1)]
 
 
+def _leading_special(ids: Sequence[int], special_ids: set[int]) -> int:
+    """How many of the first ids are special tokens (a BOS, say)."""
+    n = 0
+    while n < len(ids) and ids[n] in special_ids:
+        n += 1
+    return n
+
+
+def _lm_row(
+    tokenizer: Any,
+    prompt: str | None,
+    answer: str,
+    max_length: int,
+    special_ids: set[int],
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one causal-LM row: the prompt (with the tokenizer's special tokens, e.g. BOS)
+    then the answer (without), labels -100 except on the answer's non-special tokens. Too long: the prompt
+    loses tokens from its left (after its leading special tokens), then the answer from its right."""
+    if prompt is None:
+        ids = list(tokenizer(answer, add_special_tokens=True)["input_ids"])
+        ids = ids[:max_length]
+        return ids, [t if t not in special_ids else _IGNORE_INDEX for t in ids]
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    lead = _leading_special(prompt_ids, special_ids)
+    excess = len(prompt_ids) + len(answer_ids) - max_length
+    if excess > 0:
+        cut = min(excess, len(prompt_ids) - lead)
+        prompt_ids = prompt_ids[:lead] + prompt_ids[lead + cut :]
+        answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    labels = [_IGNORE_INDEX] * len(prompt_ids) + [
+        t if t not in special_ids else _IGNORE_INDEX for t in answer_ids
+    ]
+    return prompt_ids + answer_ids, labels
+
+
+def _shared_suffix(
+    a: Sequence[int], b: Sequence[int], a_labels: Sequence[int], b_labels: Sequence[int]
+) -> int:
+    """The length of the common tail of two rows: the same tokens, labelled (or not) alike in both."""
+    k = 0
+    while (
+        k < min(len(a), len(b))
+        and a[-1 - k] == b[-1 - k]
+        and (a_labels[-1 - k] == _IGNORE_INDEX) == (b_labels[-1 - k] == _IGNORE_INDEX)
+    ):
+        k += 1
+    return k
+
+
+def _tokenize_lm_batch(
+    batch: dict[str, list[Any]],
+    *,
+    tokenizer: Any,
+    max_length: int,
+    has_answer: bool,
+    has_cf: bool,
+    has_group: bool,
+    pair_labels: str,
+    split: str,
+    columns: dict[str, str],
+) -> dict[str, list[Any]]:
+    """Causal-LM rows: ``input_ids``, ``attention_mask``, token ``labels`` (and the ``cf_`` twins)."""
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    if has_cf:
+        out.update({"cf_input_ids": [], "cf_attention_mask": [], "cf_labels": []})
+    if has_group:
+        out["group"] = batch["group"]
+    for i in range(len(batch["text"])):
+        answer = batch["answer"][i] if has_answer else batch["text"][i]
+        prompt = batch["text"][i] if has_answer else None
+        ids, labels = _lm_row(tokenizer, prompt, answer, max_length, special_ids)
+        cf_ids: list[int] = []
+        cf_labels: list[int] = []
+        if has_cf:
+            cf_prompt = batch["cf_text"][i] if has_answer else None
+            cf_answer = answer if has_answer else batch["cf_text"][i]
+            cf_ids, cf_labels = _lm_row(tokenizer, cf_prompt, cf_answer, max_length, special_ids)
+        for row_labels, role in ((labels, "answer" if has_answer else "text"), (cf_labels, "cf_text")):
+            if role == "cf_text" and not has_cf:
+                continue
+            if all(t == _IGNORE_INDEX for t in row_labels):
+                column = columns[role]
+                value = batch[role][i] if role in batch else answer
+                raise ValueError(
+                    f"row {batch['row'][i]} of split {split!r}: the text {value!r} in column {column!r} leaves no "
+                    f"answer token (it tokenises to special tokens only, or max_length={max_length} cuts it "
+                    "off); drop or fix that row, or raise max_length"
+                )
+        if has_cf and pair_labels == "shared_suffix":
+            k = _shared_suffix(ids, cf_ids, labels, cf_labels)
+            labels = [_IGNORE_INDEX] * (len(ids) - k) + labels[len(ids) - k :]
+            cf_labels = [_IGNORE_INDEX] * (len(cf_ids) - k) + cf_labels[len(cf_ids) - k :]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        if has_cf:
+            out["cf_input_ids"].append(cf_ids)
+            out["cf_attention_mask"].append([1] * len(cf_ids))
+            out["cf_labels"].append(cf_labels)
+    return out
+
+
 @dataclass
 class ICPCollator:
     """Right-pads a list of tokenised rows into a batch of tensors; ``cf_*`` fields get the same length.
+
+    Token ``labels`` / ``cf_labels`` (lists, for causal language models) are padded with -100 to that length
+    too; integer labels (classification) stay ``[B]``.
 
     Args:
         pad_token_id: the id that pads ``input_ids`` / ``cf_input_ids`` (masks and token types pad with 0).
@@ -320,6 +445,9 @@ class ICPCollator:
         >>> batch["cf_attention_mask"]
         tensor([[1, 1, 0, 0],
                 [1, 1, 1, 1]])
+        >>> collate([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7], "labels": [7]}])["labels"]
+        tensor([[-100,    6],
+                [   7, -100]])
     """
 
     pad_token_id: int
@@ -330,14 +458,23 @@ class ICPCollator:
         if not features:
             raise ValueError("cannot collate an empty list of rows")
         keys = list(features[0])
-        seq_keys = [k for k in keys if k.removeprefix("cf_") in _SEQ_KEYS]
+        seq_keys = [
+            k
+            for k in keys
+            if k.removeprefix("cf_") in _SEQ_KEYS
+            or (k.removeprefix("cf_") == "labels" and isinstance(features[0][k], (list, tuple)))
+        ]
         length = max((len(f[k]) for f in features for k in seq_keys), default=0)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch: dict[str, torch.Tensor] = {}
         for key in keys:
             if key in seq_keys:
-                pad = self.pad_token_id if key.endswith("input_ids") else 0
+                pad = (
+                    self.pad_token_id
+                    if key.endswith("input_ids")
+                    else (_IGNORE_INDEX if key.endswith("labels") else 0)
+                )
                 out = torch.full((len(features), length), pad, dtype=torch.long)
                 for i, f in enumerate(features):
                     values = f[key]
@@ -494,12 +631,55 @@ def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return ds.select(_subset_rows(len(ds), n, seed))
 
 
+def _check_task_args(
+    task: str,
+    prompt_column: str | None,
+    answer_column: str | None,
+    pair_labels: str,
+    **given: Any,
+) -> None:
+    """Check ``task`` and the arguments that only one task takes."""
+    if task not in get_args(DataTask):
+        raise ValueError(f"task must be one of {list(get_args(DataTask))}, got {task!r}")
+    if pair_labels not in get_args(PairLabels):
+        raise ValueError(f"pair_labels must be one of {list(get_args(PairLabels))}, got {pair_labels!r}")
+    if task == "sequence_classification":
+        lm_only = {"prompt_column": prompt_column, "answer_column": answer_column}
+        bad = [k for k, v in lm_only.items() if v is not None] + (
+            ["pair_labels"] if pair_labels != "full" else []
+        )
+        if bad:
+            raise ValueError(f"{bad} apply to task='causal_lm' only; pass task='causal_lm' or drop them")
+        return
+    if prompt_column is not None and answer_column is None:
+        raise ValueError(
+            f"prompt_column={prompt_column!r} needs answer_column=<the column scored after the prompt>; for plain "
+            "text give text_column alone"
+        )
+    clash = {
+        "text_pair_column": "give prompt_column / answer_column instead",
+        "label_map": "token labels come from the answer text",
+        "num_labels": "token labels come from the answer text",
+        "shortcut_token": "planting needs class labels",
+        "heldout_size": "the held-out set is balanced over class labels",
+    }
+    bad = [k for k, v in given.items() if v not in (None, 0)]
+    if bad:
+        reasons = "; ".join(f"{k}: {clash[k]}" for k in bad)
+        raise ValueError(f"task='causal_lm' does not take {bad} ({reasons})")
+
+
 # ------------------------------------------------------------------------------------------------------
 # The data module
 
 
 class ICPDataModule(pl.LightningDataModule):
-    """Text classification data for ICP: a training split, named evaluation sets, optional planted shortcut.
+    """Text data for ICP: a training split, named evaluation sets, optional planted shortcut or paired texts.
+
+    ``task="sequence_classification"`` (the default) gives classification batches (``labels`` ``[B]``);
+    ``task="causal_lm"`` gives causal-LM batches whose token ``labels`` ``[B, T]`` mark the answer (see the
+    module docstring): prompt + answer rows (``answer_column``, with ``prompt_column`` or ``text_column`` as
+    the prompt) or plain texts (``text_column`` alone, all answer).
 
     Give exactly one source: ``recipe`` (an offline data set from :data:`~icp_lightning.recipes.RECIPES`),
     ``train_files`` / ``eval_files`` (local csv / tsv / json / jsonl / parquet files, compressed or not), or
@@ -560,6 +740,22 @@ class ICPDataModule(pl.LightningDataModule):
             mode; default ``["id", "ood", "clean"]``), or raw set name -> one mode (the set keeps its name).
         seed: seed of splits, subsets, planting and training shuffles.
         tokenizer_kwargs: more keyword arguments for ``AutoTokenizer.from_pretrained``.
+        task: ``"sequence_classification"`` or ``"causal_lm"``. With ``"causal_lm"`` the label column, a
+            label map, a shortcut and a held-out set do not apply (token labels come from the text), and a
+            recipe's second-text column is not used.
+        prompt_column: causal LM: the column holding the prompt (context only, labels -100); ``None``:
+            ``text_column``. Needs ``answer_column``.
+        answer_column: causal LM: the column holding the answer, scored after the prompt. Write answers with
+            their leading space (``" yes"``): prompt and answer are tokenised apart (the prompt with the
+            tokenizer's special tokens, the answer without) and joined. ``None``: every row of
+            ``text_column`` is all answer (plain text, or the sentences of minimal pairs). Too long rows lose
+            prompt tokens from the left first, then answer tokens from the right.
+        pair_labels: causal LM with a ``cf_text_column``: the counterfactual text replaces the prompt (with
+            ``answer_column``; the answer is kept) or the whole text (without). ``"full"``: all answer tokens
+            are labels in both rows; ``"shared_suffix"``: only the tokens after the last difference, which
+            both rows share (the same number in each, so ``ICPContrastiveModule(counterfactual="paired")``
+            can compare them position by position even when the differing words tokenise to different
+            lengths, as in most CrowS-Pairs pairs).
 
     Attributes:
         eval_set_names: the evaluation set names, in dataloader order.
@@ -616,8 +812,23 @@ class ICPDataModule(pl.LightningDataModule):
         shortcut_modes: list[ShortcutMode] | dict[str, ShortcutMode] | None = None,
         seed: int = 0,
         tokenizer_kwargs: dict[str, Any] | None = None,
+        task: DataTask = "sequence_classification",
+        prompt_column: str | None = None,
+        answer_column: str | None = None,
+        pair_labels: PairLabels = "full",
     ) -> None:
         super().__init__()
+        _check_task_args(
+            task,
+            prompt_column,
+            answer_column,
+            pair_labels,
+            text_pair_column=text_pair_column,
+            label_map=label_map,
+            num_labels=num_labels,
+            shortcut_token=shortcut_token,
+            heldout_size=heldout_size,
+        )
         sources = [
             name
             for name, given in (
@@ -715,18 +926,27 @@ class ICPDataModule(pl.LightningDataModule):
         self.eval_splits = (
             dict(eval_splits) if eval_splits is not None else (dict(spec.eval_splits) if spec else None)
         )
+        self.task: DataTask = task
+        self.prompt_column = prompt_column
+        self.answer_column = answer_column
+        self.pair_labels: PairLabels = pair_labels
         self.text_column = text_column
         self.text_pair_column = (
             text_pair_column
             if text_pair_column is not None
-            else (spec.text_pair_column if spec is not None else None)
+            else (spec.text_pair_column if spec is not None and task == "sequence_classification" else None)
         )
         self.label_column = label_column
         self.group_column = group_column
         default_cf = spec.cf_text_column if spec is not None and shortcut_token is None else None
         self.cf_text_column = cf_text_column if cf_text_column is not None else default_cf
         self.label_map = dict(label_map) if label_map is not None else None
-        if num_labels is None and label_map is None and spec is not None:
+        if (
+            num_labels is None
+            and label_map is None
+            and spec is not None
+            and task == "sequence_classification"
+        ):
             num_labels = spec.num_labels
         self._num_labels = num_labels
         self.max_length = max_length
@@ -916,34 +1136,41 @@ class ICPDataModule(pl.LightningDataModule):
 
     def _canonical(
         self, ds: Dataset, split: str, is_eval: bool, cap: int | None
-    ) -> tuple[Dataset, list[Any], list[int]]:
-        """Checked columns renamed to text / text_pair / cf_text / group (raw values), raw labels, and the
-        rows' indices in the split (a seeded subset of ``cap`` rows)."""
+    ) -> tuple[Dataset, list[Any] | None, list[int]]:
+        """Checked columns renamed to text / text_pair / answer / cf_text / group (raw values), raw labels
+        (``None`` for causal LMs), and the rows' indices in the split (a seeded subset of ``cap`` rows)."""
         if len(ds) == 0:
             raise ValueError(f"split {split!r} is empty (0 rows); check the files or the split names")
         rows = _subset_rows(len(ds), cap, self.seed)
         if len(rows) < len(ds):
             ds = ds.select(rows)
         cf = self.cf_text_column if (is_eval or self.cf_text_column in ds.column_names) else None
+        lm = self.task == "causal_lm"
+        text_role = "prompt" if lm and self.prompt_column is not None else "text"
+        text_source = self.prompt_column if text_role == "prompt" else self.text_column
+        assert text_source is not None
         _check_columns(
             ds,
             split,
             {
-                "text": self.text_column,
+                text_role: text_source,
                 "text_pair": self.text_pair_column,
-                "label": self.label_column,
+                "answer": self.answer_column if lm else None,
+                "label": None if lm else self.label_column,
                 "group": self.group_column,
                 "cf_text": cf,
             },
         )
-        mapping = {self.text_column: "text"}
+        mapping = {text_source: "text"}
         if self.text_pair_column:
             mapping[self.text_pair_column] = "text_pair"
+        if lm and self.answer_column:
+            mapping[self.answer_column] = "answer"
         if cf:
             mapping[cf] = "cf_text"
         for source in mapping:
             _check_texts(_column(ds, source), rows, split, source)
-        labels = _column(ds, self.label_column)
+        labels = None if lm else _column(ds, self.label_column)
         keep = list(mapping) + ([self.group_column] if self.group_column else [])
         out = ds.select_columns(keep)
         if self.group_column:
@@ -994,6 +1221,8 @@ class ICPDataModule(pl.LightningDataModule):
         return np.sort(np.concatenate(chosen))
 
     def _tokenize(self, ds: Dataset, split: str) -> Dataset:
+        if self.task == "causal_lm":
+            return self._tokenize_lm(ds, split)
         columns = {"text": self.text_column, "text_pair": self.text_pair_column or ""}
         return ds.map(
             _tokenize_batch,
@@ -1011,6 +1240,57 @@ class ICPDataModule(pl.LightningDataModule):
             desc=f"tokenizing {split}",
         )
 
+    def _tokenize_lm(self, ds: Dataset, split: str) -> Dataset:
+        has_answer = "answer" in ds.column_names
+        has_cf = "cf_text" in ds.column_names
+        columns = {
+            "text": (self.prompt_column or self.text_column) if has_answer else self.text_column,
+            "answer": self.answer_column or "",
+            "cf_text": self.cf_text_column or "",
+        }
+        out = ds.map(
+            _tokenize_lm_batch,
+            batched=True,
+            remove_columns=ds.column_names,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "max_length": self.max_length,
+                "has_answer": has_answer,
+                "has_cf": has_cf,
+                "has_group": "group" in ds.column_names,
+                "pair_labels": self.pair_labels,
+                "split": split,
+                "columns": columns,
+            },
+            desc=f"tokenizing {split}",
+        )
+        if has_cf and self.pair_labels == "full":
+            self._warn_uneven_pairs(out, split)
+        if has_cf and self.pair_labels == "shared_suffix":
+            empty = sum(all(t == _IGNORE_INDEX for t in row) for row in _column(out, "labels"))
+            if empty:
+                warnings.warn(
+                    f"split {split!r}: {empty} of {len(out)} pair(s) share no final answer token (they differ "
+                    "in their last token), so pair_labels='shared_suffix' leaves them no label: they add nothing "
+                    "to the loss or the metrics",
+                    stacklevel=3,
+                )
+        return out
+
+    def _warn_uneven_pairs(self, ds: Dataset, split: str) -> None:
+        uneven = sum(
+            sum(t != _IGNORE_INDEX for t in a) != sum(t != _IGNORE_INDEX for t in b)
+            for a, b in zip(_column(ds, "labels"), _column(ds, "cf_labels"))
+        )
+        if uneven:
+            warnings.warn(
+                f"split {split!r}: in {uneven} of {len(ds)} pair(s) the text and its counterfactual have different "
+                "numbers of answer tokens; ICPContrastiveModule(counterfactual='paired') compares answer positions "
+                "one to one and raises on batches holding such pairs. Pass pair_labels='shared_suffix' to label "
+                "only the tokens both share at the end (swap effects and the task loss work either way)",
+                stacklevel=4,
+            )
+
     @override
     def setup(self, stage: str | None = None) -> None:
         """Load, check, plant and tokenise every split (once; later calls do nothing)."""
@@ -1022,7 +1302,7 @@ class ICPDataModule(pl.LightningDataModule):
             raise ValueError("heldout_size needs a training split to carve from; this source has none")
 
         # check and canonicalise; caps first (a seeded subset), so only used rows are checked
-        parts: dict[str, tuple[Dataset, list[Any], list[int]]] = {}
+        parts: dict[str, tuple[Dataset, list[Any] | None, list[int]]] = {}
         if raw_train is not None:
             parts["train"] = self._canonical(raw_train, "train", is_eval=False, cap=None)
         for name, ds in raw_evals.items():
@@ -1030,14 +1310,16 @@ class ICPDataModule(pl.LightningDataModule):
         labels = {
             s: _normalize_labels(raw, rows, s, self.label_column, self.label_map)
             for s, (_, raw, rows) in parts.items()
+            if raw is not None
         }
-        if self._num_labels is None and not self.label_map:
-            source = labels.get("train") or [y for ys in labels.values() for y in ys]
-            self._num_labels = max(max(source, default=0) + 1, 2 if self.shortcut_token else 1)
-        num_labels = self.num_labels
-        assert num_labels is not None
-        for split, ys in labels.items():
-            _check_label_range(ys, parts[split][2], split, self.label_column, num_labels)
+        if self.task == "sequence_classification":
+            if self._num_labels is None and not self.label_map:
+                source = labels.get("train") or [y for ys in labels.values() for y in ys]
+                self._num_labels = max(max(source, default=0) + 1, 2 if self.shortcut_token else 1)
+            num_labels = self.num_labels
+            assert num_labels is not None
+            for split, ys in labels.items():
+                _check_label_range(ys, parts[split][2], split, self.label_column, num_labels)
         groups = (
             self._group_ids({s: (_column(ds, "group"), rows) for s, (ds, _, rows) in parts.items()})
             if self.group_column
@@ -1047,8 +1329,9 @@ class ICPDataModule(pl.LightningDataModule):
         for split, (ds, _, rows) in parts.items():
             if groups is not None:
                 ds = ds.remove_columns("group").add_column("group", groups[split])
-            ds = ds.add_column("label", labels[split]).add_column("row", rows)
-            data[split] = ds
+            if split in labels:
+                ds = ds.add_column("label", labels[split])
+            data[split] = ds.add_column("row", rows)
 
         # training data: held-out carve (before planting), then the cap, then the shortcut
         heldout = None
