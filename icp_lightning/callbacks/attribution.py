@@ -53,7 +53,7 @@ from typing_extensions import override
 
 from icp_lightning.core.effect_metrics import METRICS, metric_name
 from icp_lightning.core.effects import METHODS, Effects, causal_effects
-from icp_lightning.core.interventions import INTERVENTIONS
+from icp_lightning.core.interventions import INTERVENTIONS, capture_site_inputs, model_inputs
 from icp_lightning.core.masks import apply_masks, get_masks, make_permanent
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import Site, Sites, find_sites, in_features_of
@@ -443,8 +443,9 @@ class CausalAttributionCallback(Callback):
             return list(self.attribution_data)
         return list(self._validation_loaders(trainer, pl_module))
 
-    def _shard(self, trainer: pl.Trainer, loader: Iterable) -> list[Mapping[str, Any]]:
-        """This rank's batches: batch ``i`` (``i < max_batches``) goes to rank ``i % world_size``."""
+    def _shard(self, trainer: pl.Trainer, loader: Iterable) -> list[tuple[int, Mapping[str, Any]]]:
+        """This rank's ``(global index, batch)`` pairs: batch ``i`` (``i < max_batches``) goes to rank
+        ``i % world_size``."""
         kwargs = _sampler_kwargs(trainer)
         world = int(kwargs.get("num_replicas", trainer.world_size))
         rank = int(kwargs.get("rank", trainer.global_rank))
@@ -453,7 +454,7 @@ class CausalAttributionCallback(Callback):
             if self.max_batches is not None and i >= self.max_batches:
                 break
             if i % world == rank:
-                out.append(batch)
+                out.append((i, batch))
         return out
 
     # ------------------------------------------------------------------------------------------------------
@@ -499,15 +500,16 @@ class CausalAttributionCallback(Callback):
             local = {name: self._shard(trainer, loader) for name, loader in datasets.items()}
             with _attribution_context(model) as replay:
                 for ds_name, batches in local.items():
+                    means = (
+                        _global_site_means(trainer, model, sites, batches)
+                        if "mean" in self.interventions
+                        else None
+                    )
                     for iv in self.interventions:
                         for metric, mname in zip(self.metrics, self.metric_names):
-                            if batches:
-                                eff = causal_effects(
-                                    model, batches, sites, iv, metric, self.method, self.alpha,  # type: ignore[arg-type]
-                                    replay=replay, progress=progress,
-                                )  # fmt: skip
-                            else:  # this rank has no batch of this data set: contribute zeros
-                                eff = _empty_effects(sites, iv, mname, self.method, self.alpha)
+                            eff = self._local_effects(
+                                model, sites, batches, iv, metric, mname, means, replay, progress
+                            )
                             effects[(iv, mname, ds_name)] = _reduce(trainer, eff)
             scores = spuriousness(
                 effects, self.intervention_weights, self.metric_weights, self.dataset_weights, self.reduction
@@ -525,6 +527,42 @@ class CausalAttributionCallback(Callback):
             for listener in list(self._listeners):
                 listener(trainer, pl_module, self)
         return scores
+
+    def _local_effects(
+        self,
+        model: nn.Module,
+        sites: Sites,
+        batches: Sequence[tuple[int, Mapping[str, Any]]],
+        intervention: str,
+        metric: str | Callable[..., Any],
+        name: str,
+        means: dict[str, torch.Tensor] | None,
+        replay: Literal["auto", "never"],
+        progress: bool,
+    ) -> Effects:
+        """Effects over this rank's batches (zeros if it has none). Swap partners are seeded by the batch's
+        global index, as in one process over all batches, so swap runs batch by batch."""
+        if not batches:
+            return _empty_effects(sites, intervention, name, self.method, self.alpha)
+        groups = [[pair] for pair in batches] if intervention == "swap" else [list(batches)]
+        out: Effects | None = None
+        for group in groups:
+            part = causal_effects(
+                model,
+                [batch for _, batch in group],
+                sites,
+                intervention,  # type: ignore[arg-type]
+                metric,
+                self.method,
+                self.alpha,
+                mean_values=means,
+                seed=group[0][0] if intervention == "swap" else 0,
+                replay=replay,
+                progress=progress,
+            )
+            out = part if out is None else out + part
+        assert out is not None
+        return out
 
     def _notify_module(self, pl_module: pl.LightningModule) -> None:
         set_scores = getattr(pl_module, "set_scores", None)
@@ -690,6 +728,46 @@ def _attribution_context(model: nn.Module) -> Iterator[Literal["auto", "never"]]
         # A mask hook on a site disables the engine's rank-1 replay; full forwards are then exact for
         # features whose mask is 1 (and pruned features are skipped by the pruning callback).
         yield "auto" if folded else "never"
+
+
+@torch.no_grad()
+def _global_site_means(
+    trainer: pl.Trainer, model: nn.Module, sites: Sites, batches: Sequence[tuple[int, Mapping[str, Any]]]
+) -> dict[str, torch.Tensor]:
+    """Per-site mean input over the non-padding tokens of *all* ranks' batches (the ``mean`` intervention's
+    value; the engine alone would average over this rank's shard only). Same rule as
+    :func:`~icp_lightning.core.interventions.mean_site_inputs`, as float64 sums and counts, all-reduced."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sums = {n: torch.zeros(s.in_features, dtype=torch.float64) for n, s in sites.items()}
+    counts = {n: torch.zeros(1, dtype=torch.float64) for n in sites}
+    was_training = model.training
+    model.eval()
+    try:
+        for _, batch in batches:
+            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            store: dict[str, torch.Tensor] = {}
+            with capture_site_inputs(sites, store):
+                model(**model_inputs(model, on_device))
+            mask = on_device.get("attention_mask")
+            for name, h in store.items():
+                flat = h.reshape(-1, h.shape[-1]).double()
+                if isinstance(mask, torch.Tensor) and mask.shape == h.shape[:-1]:
+                    flat = flat[mask.reshape(-1).bool()]
+                sums[name] += flat.sum(0).cpu()
+                counts[name] += flat.shape[0]
+    finally:
+        model.train(was_training)
+    names = list(sites)
+    if trainer.world_size > 1:
+        flat = torch.cat([sums[n] for n in names] + [counts[n] for n in names]).to(
+            trainer.strategy.root_device
+        )
+        flat = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
+        sizes = [sums[n].numel() for n in names]
+        parts = torch.split(flat, sizes + [1] * len(names))
+        sums = dict(zip(names, parts[: len(names)]))
+        counts = dict(zip(names, parts[len(names) :]))
+    return {n: (sums[n] / counts[n].clamp_min(1.0)).float() for n in names}
 
 
 def _empty_effects(sites: Sites, intervention: str, metric: str, method: str, alpha: float) -> Effects:

@@ -24,7 +24,14 @@ from icp_lightning.core.masks import effective_weight, get_masks  # noqa: E402
 from tests.callbacks._helpers import TinyClassifier  # noqa: E402
 
 ROUNDS = 3
-N_VAL = 12  # 3 batches of 4 per data set: rank 0 scores batches 0 and 2, rank 1 batch 1
+N_VAL, VAL_BATCH = 15, 5  # 3 batches per data set: rank 0 scores batches 0 and 2, rank 1 batch 1
+# (5 per batch: the swap partners of batches 0, 1, 2 differ; with 4 they happen to coincide)
+INTERVENTIONS = (
+    "mask",
+    "scale",
+    "swap",
+    "mean",
+)  # swap: partners seeded per global batch; mean: global means
 
 
 class FSDP2Classifier(TinyClassifier):
@@ -112,18 +119,18 @@ def main(kind: str, out: Path, method: str = "exact") -> None:
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy: Any = DDPStrategy(process_group_backend="gloo")
-        module: TinyClassifier = TinyClassifier(n_val=N_VAL)
+        module: TinyClassifier = TinyClassifier(n_val=N_VAL, val_batch=VAL_BATCH)
     elif kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(
             data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"
         )
-        module = FSDP2Classifier(n_val=N_VAL)
+        module = FSDP2Classifier(n_val=N_VAL, val_batch=VAL_BATCH)
     else:
         raise SystemExit(f"unknown kind {kind!r}: ddp or fsdp2")
     attribution = CausalAttributionCallback(
-        interventions=("mask", "scale"),
+        interventions=INTERVENTIONS,
         dataset_weights={"id": 1.0, "ood": -1.0},
         progress=False,
         method=method,

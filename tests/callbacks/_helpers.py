@@ -63,10 +63,12 @@ def loader(n: int, batch_size: int, seed: int) -> DataLoader:
 class TinyClassifier(pl.LightningModule):
     """A tiny BERT classifier as ``self.model``; validation sets ``id`` and ``ood`` (a dict of loaders)."""
 
-    def __init__(self, lr: float = 0.05, n_train: int = 16, n_val: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self, lr: float = 0.05, n_train: int = 16, n_val: int = 10, val_batch: int = 4, seed: int = 0
+    ) -> None:
         super().__init__()
         self.model = tiny_bert(seed)
-        self.lr, self.n_train, self.n_val = lr, n_train, n_val
+        self.lr, self.n_train, self.n_val, self.val_batch = lr, n_train, n_val, val_batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss
@@ -81,7 +83,10 @@ class TinyClassifier(pl.LightningModule):
         return loader(self.n_train, 4, seed=10)
 
     def val_dataloader(self) -> dict[str, DataLoader]:
-        return {"id": loader(self.n_val, 4, seed=1), "ood": loader(self.n_val, 4, seed=2)}
+        return {
+            "id": loader(self.n_val, self.val_batch, seed=1),
+            "ood": loader(self.n_val, self.val_batch, seed=2),
+        }
 
 
 def trainer(tmp_path: Any, callbacks: list, max_epochs: int = 1, **kwargs: Any) -> pl.Trainer:

@@ -87,11 +87,13 @@ def test_dataset_weights_must_name_the_validation_sets(tmp_path):
 
 def test_scores_equal_a_direct_causal_effects_and_spuriousness_call(tmp_path):
     weights = {"id": 1.0, "ood": -1.0}
+    interventions = ("mask", "scale", "swap", "mean")
+    iv_weights = {"mask": 1.0, "scale": 0.5, "swap": 2.0, "mean": -1.0}
     cb = CausalAttributionCallback(
-        interventions=("mask", "scale"),
+        interventions=interventions,
         alpha=0.25,
         metrics=("label_logprob", "margin"),
-        intervention_weights={"mask": 1.0, "scale": 0.5},
+        intervention_weights=iv_weights,
         dataset_weights=weights,
         **FAST,
     )
@@ -102,12 +104,12 @@ def test_scores_equal_a_direct_causal_effects_and_spuriousness_call(tmp_path):
     effects = {}
     for ds, dl in module.val_dataloader().items():
         batches = list(dl)[:2]
-        for iv in ("mask", "scale"):
+        for iv in interventions:
             for metric in ("label_logprob", "margin"):
                 effects[(iv, metric, ds)] = causal_effects(
                     module.model, batches, sites, iv, metric, alpha=0.25, progress=False
                 )
-    expected = spuriousness(effects, {"mask": 1.0, "scale": 0.5}, None, weights, "signed")
+    expected = spuriousness(effects, iv_weights, None, weights, "signed")
     assert cb.round == 1 and cb.epoch == 0 and list(cb.scores) == sites.names
     assert set(cb.effects) == set(effects)
     for key, eff in effects.items():

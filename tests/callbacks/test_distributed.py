@@ -26,7 +26,7 @@ from icp_lightning.core.effects import causal_effects
 from icp_lightning.core.masks import load_masks_state, make_permanent
 from icp_lightning.core.scores import spuriousness
 from icp_lightning.core.sites import find_sites
-from tests.callbacks._dist_worker import N_VAL, ROUNDS
+from tests.callbacks._dist_worker import INTERVENTIONS, N_VAL, ROUNDS, VAL_BATCH
 from tests.callbacks._helpers import (
     TinyClassifier,
     one_thread,  # noqa: F401  (autouse fixture)
@@ -64,12 +64,12 @@ def _reference_round(out: Path, round_index: int, method: str = "exact"):
     load_masks_state(model, state)
     make_permanent(model)  # what the forward computed: the callback folds masks while attributing
     sites = find_sites(model)
-    val = TinyClassifier(n_val=N_VAL).val_dataloader()
+    val = TinyClassifier(n_val=N_VAL, val_batch=VAL_BATCH).val_dataloader()
     effects = {}
     for ds, dl in val.items():
         batches = list(dl)
         assert len(batches) == 3
-        for iv in ("mask", "scale"):
+        for iv in INTERVENTIONS:
             effects[(iv, "label_logprob", ds)] = causal_effects(
                 model, batches, sites, iv, method=method, progress=False
             )
@@ -98,7 +98,7 @@ def _check(kind: str, out: Path, ranks: list[dict], method: str = "exact") -> No
         for (iv, metric, ds), eff in effects.items():
             got = a["effects"][f"{iv}|{metric}|{ds}"]
             for name in eff.sums:
-                assert torch.equal(got["counts"][name], eff.counts[name])  # 12 examples, from both ranks
+                assert torch.equal(got["counts"][name], eff.counts[name])  # all examples, from both ranks
                 assert int(got["counts"][name][0]) == N_VAL
                 # float32 forwards: bit-equal under DDP here; FSDP2's gathered parameters take other kernels
                 torch.testing.assert_close(got["sums"][name], eff.sums[name], rtol=1e-5, atol=1e-5)
