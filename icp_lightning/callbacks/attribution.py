@@ -11,7 +11,9 @@ Processes (DDP, FSDP2): batch ``i`` of each attribution data set goes to the dat
 ``i % world_size``; each rank computes the effects of its batches, then the float64 ``sums`` and ``counts`` of
 the effects are all-reduced (``trainer.strategy.reduce(..., reduce_op="sum")``), so every rank holds the
 same effects, equal to a single-process run over the same batches (up to float64 summation order), and
-computes the same scores from them.
+computes the same scores from them. ``swap`` partners are seeded by a batch's global index and ``mean`` values
+are averaged over all ranks' batches, as in one process; ``method="screened"`` is the exception (each rank
+screens its own batches; a warning says so).
 
 Masks already on the model (an earlier pruning round) are folded into the weights while effects are computed
 (the weights are restored bit for bit afterwards): the engine then sees the model that the forward really
