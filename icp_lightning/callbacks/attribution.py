@@ -123,6 +123,8 @@ class CausalAttributionCallback(Callback):
         method: ``"exact"``, ``"gradient"`` or ``"screened"`` (see :func:`~icp_lightning.core.effects.causal_effects`).
         max_batches: at most this many batches of each data set (over all ranks together); ``None``: all.
         every_n_epochs: attribute after epochs ``every_n_epochs - 1``, ``2 * every_n_epochs - 1``, ...
+        max_rounds: stop attributing (and so pruning) after this many rounds; ``None``: no limit. Rounds restored
+            from a checkpoint count.
         on: ``"validation_epoch_end"`` (after validation; skipped in epochs without validation) or
             ``"train_epoch_end"``.
         model_attr: dotted attribute path of the Hugging Face model in the LightningModule. ``None``:
@@ -166,6 +168,7 @@ class CausalAttributionCallback(Callback):
         method: Literal["exact", "gradient", "screened"] = "exact",
         max_batches: int | None = 8,
         every_n_epochs: int = 1,
+        max_rounds: int | None = None,
         on: Literal["validation_epoch_end", "train_epoch_end"] = "validation_epoch_end",
         model_attr: str | None = None,
         top_k_log: int = 20,
@@ -214,6 +217,10 @@ class CausalAttributionCallback(Callback):
             not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
         ):
             raise ValueError(f"max_batches must be an int >= 1 or None (all batches), got {max_batches!r}")
+        if max_rounds is not None and (
+            not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1
+        ):
+            raise ValueError(f"max_rounds must be an int >= 1 or None (no limit), got {max_rounds!r}")
         if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
             raise ValueError(
                 f"model_attr must be a dotted attribute path such as 'model', got {model_attr!r}"
@@ -253,6 +260,7 @@ class CausalAttributionCallback(Callback):
         self.method: Literal["exact", "gradient", "screened"] = method
         self.max_batches = max_batches
         self.every_n_epochs = every_n_epochs
+        self.max_rounds = max_rounds
         self.on = on
         self.model_attr = model_attr
         self.top_k_log = top_k_log
@@ -474,6 +482,8 @@ class CausalAttributionCallback(Callback):
 
     def _should_run(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking or trainer.state.fn != "fit":
+            return False
+        if self.max_rounds is not None and self.round >= self.max_rounds:
             return False
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 

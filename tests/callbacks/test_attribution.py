@@ -51,6 +51,7 @@ FAST = dict(progress=False, max_batches=2)
         ({"on": "test_epoch_end"}, r"on must be one of \('validation_epoch_end', 'train_epoch_end'\)"),
         ({"every_n_epochs": 0}, "every_n_epochs must be an int >= 1"),
         ({"max_batches": 0}, r"max_batches must be an int >= 1 or None"),
+        ({"max_rounds": 0}, r"max_rounds must be an int >= 1 or None"),
         ({"top_k_log": -1}, "top_k_log must be an int >= 0"),
         ({"alpha": float("nan")}, "alpha must be a finite number"),
         ({"model_attr": ""}, "model_attr must be a dotted attribute path"),
@@ -135,6 +136,12 @@ def test_nothing_runs_during_sanity_checking_and_every_n_epochs_is_respected(tmp
     tr.fit(TinyClassifier())
     assert calls == [(False, 1), (False, 1)]  # epoch index 1 only, two data sets, never in sanity checking
     assert cb.round == 1 and cb.epoch == 1
+
+    calls.clear()
+    cb = CausalAttributionCallback(max_rounds=2, **{**FAST, "max_batches": 1})
+    tr = trainer(tmp_path, [cb], max_epochs=4, limit_train_batches=1)
+    tr.fit(TinyClassifier())
+    assert cb.round == 2 and cb.epoch == 1 and [e for _, e in calls] == [0, 0, 1, 1]
 
 
 def test_on_train_epoch_end_and_names_from_val_set_names(tmp_path):
