@@ -95,7 +95,7 @@ def attribute(
     data.setup("fit")
     loaders = data.attribution_dataloaders(list(datasets) if datasets else None)
     sites = find_sites(hf, target_modules=target_modules, granularity=granularity)
-    effects = {}
+    effects: dict[tuple[str, str, str], Any] = {}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, loader in loaders.items():
@@ -165,7 +165,7 @@ def prune(
         save_slimmed(hf, out)
     else:
         make_permanent(hf)
-        hf.save_pretrained(out)
+        hf.save_pretrained(out)  # type: ignore[operator]
     print(f"wrote {out}")
 
 

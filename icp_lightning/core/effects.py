@@ -403,8 +403,8 @@ class _FirstTokenReadout:
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *a: Any, **k: Any
-    ):
-        layer = self.layer
+    ) -> torch.Tensor:
+        layer: Any = self.layer
         sa = layer.attention.self
         b, t, _ = hidden_states.shape
         hd = sa.attention_head_size
