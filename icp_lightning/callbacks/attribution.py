@@ -56,9 +56,9 @@ from typing_extensions import override
 from icp_lightning.core.effect_metrics import METRICS, metric_name
 from icp_lightning.core.effects import METHODS, Effects, causal_effects
 from icp_lightning.core.interventions import INTERVENTIONS, capture_site_inputs, model_inputs
-from icp_lightning.core.masks import apply_masks, get_masks, make_permanent
+from icp_lightning.core.masks import masks_folded
 from icp_lightning.core.scores import Scores, spuriousness
-from icp_lightning.core.sites import Site, Sites, find_sites, in_features_of
+from icp_lightning.core.sites import Sites, find_sites
 
 log = logging.getLogger(__name__)
 
@@ -698,45 +698,12 @@ def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def _masks_folded(model: nn.Module) -> Iterator[bool]:
-    """Fold the installed masks into the weights while inside; restore weights and masks bit for bit after.
-
-    Yields whether the model is mask-free inside (``False`` when a mask cannot be folded: a non-LoRA adapter).
-    """
-    masks = get_masks(model)
-    if not masks:
-        yield True
-        return
-    modules = dict(model.named_modules())
-    saved = [(p, p.detach().clone()) for name in masks for p in modules[name].parameters()]
-    sites = Sites(
-        [
-            Site(name, modules[name], int(m.numel()), in_features_of(modules[name]) // int(m.numel()))
-            for name, m in masks.items()
-        ]
-    )
-    try:
-        make_permanent(model)
-    except NotImplementedError as err:
-        rank_zero_warn(f"masks cannot be folded for attribution ({err}); using full forwards with the masks")
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        with torch.no_grad():
-            for param, copy in saved:
-                param.copy_(copy)
-        apply_masks(model, sites, masks)
-
-
-@contextmanager
 def _attribution_context(model: nn.Module) -> Iterator[Literal["auto", "never"]]:
     """FSDP2: reshard (so folding touches the real shards), fold masks, gather once. Yields the engine's ``replay``."""
     fsdp = _fsdp2_modules(model)
     for module in fsdp:
         module.reshard()  # type: ignore[operator]
-    with _masks_folded(model) as folded, _fsdp2_gathered(fsdp):
+    with masks_folded(model) as folded, _fsdp2_gathered(fsdp):
         # A mask hook on a site disables the engine's rank-1 replay; full forwards are then exact for
         # features whose mask is 1 (and pruned features are skipped by the pruning callback).
         yield "auto" if folded else "never"

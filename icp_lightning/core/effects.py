@@ -65,6 +65,7 @@ from icp_lightning.core.interventions import (
     model_inputs,
     partner_permutation,
 )
+from icp_lightning.core.masks import masks_folded
 from icp_lightning.core.results import SiteValues
 from icp_lightning.core.sites import Site, Sites
 
@@ -752,6 +753,8 @@ def causal_effects(
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     t0 = time.perf_counter()
+    folded = masks_folded(model)  # pruned features have zero weights inside: interventions on them do nothing
+    folded.__enter__()
     try:
         if method == "gradient":
             acc = _gradient(model, sites, batch_list, intervention, metric_fn, partner, seed, progress)
@@ -769,6 +772,7 @@ def causal_effects(
                 rows_per_forward, trim_padding, bucket_size, replay, top_k, audit, progress, meta,
             )  # fmt: skip
     finally:
+        folded.__exit__(None, None, None)
         model.train(was_training)
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)

@@ -51,7 +51,8 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -923,3 +924,41 @@ def load_slimmed(directory: str | os.PathLike[str], model_cls: Any) -> nn.Module
     if untied:
         raise ValueError(f"weights {untied} missing from {directory}")
     return model.eval()
+
+
+@contextmanager
+def masks_folded(model: nn.Module) -> Iterator[bool]:
+    """Fold the installed masks into the weights while inside; restore weights and masks bit for bit after.
+
+    ``causal_effects`` runs inside this, so an intervention on a pruned feature has no effect (its weights
+    are zero) and the exact engine's rank-1 replay sees the effective weights.
+
+    Yields whether the model is mask-free inside (``False`` when a mask cannot be folded: a non-LoRA adapter).
+    """
+    masks = get_masks(model)
+    if not masks:
+        yield True
+        return
+    modules = dict(model.named_modules())
+    saved = [(p, p.detach().clone()) for name in masks for p in modules[name].parameters()]
+    sites = Sites(
+        [
+            Site(name, modules[name], int(m.numel()), in_features_of(modules[name]) // int(m.numel()))
+            for name, m in masks.items()
+        ]
+    )
+    try:
+        make_permanent(model)
+    except NotImplementedError as err:
+        warnings.warn(
+            f"masks cannot be folded ({err}); attributing with full forwards through the masks", stacklevel=3
+        )
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with torch.no_grad():
+            for param, copy in saved:
+                param.copy_(copy)
+        apply_masks(model, sites, masks)

@@ -405,3 +405,31 @@ def test_exact_on_peft_lora_sites_recomputes_the_layer():
     assert effects.meta["fallback_sites"] == 0
     for name in sites:
         torch.testing.assert_close(effects[name], ref[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_effects_on_a_masked_model_equal_a_hand_scaled_copy(soft):
+    """Pruned features have zero effect; soft factors scale the weights that read the feature."""
+    from icp_lightning import apply_masks, get_masks
+
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", seed=13)
+    sites = find_sites(model)
+    g = torch.Generator().manual_seed(0)
+    values = {n: (torch.rand(s.n_features, generator=g) if soft else (torch.rand(s.n_features, generator=g) > 0.3).float())
+              for n, s in sites.items()}  # fmt: skip
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, site in sites.items():
+            dict(reference.named_modules())[name].weight.mul_(values[name][None, :])
+    apply_masks(model, sites, values)
+    effects = causal_effects(model, [batch], sites, progress=False)
+    ref = naive_effects(reference, batch, find_sites(reference), "bert", "mask")
+    for name in sites:
+        torch.testing.assert_close(effects[name], ref[name], atol=1e-5, rtol=0)
+        if not soft:
+            assert effects[name][values[name] == 0].abs().max() < 1e-6  # float noise of the replay only
+    assert effects.meta["fallback_sites"] == 0
+    # the masks are back, bit for bit
+    for name, mask in get_masks(model).items():
+        assert torch.equal(mask, values[name])
