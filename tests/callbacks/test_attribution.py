@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader
 
 import icp_lightning.callbacks.attribution as attribution_module
 from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
-from icp_lightning.callbacks.attribution import _masks_folded
 from icp_lightning.core.effects import Effects, causal_effects
-from icp_lightning.core.masks import apply_masks, get_masks, make_permanent
+from icp_lightning.core.masks import apply_masks, get_masks, make_permanent, masks_folded
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import find_sites
 from tests.callbacks._helpers import (
@@ -258,7 +257,7 @@ def test_fold_context_restores_weights_and_masks_bit_for_bit():
     batch = tiny_batch("bert", n=3)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    with _masks_folded(model) as folded:
+    with masks_folded(model) as folded:
         assert folded and get_masks(model) == {}
         with torch.no_grad():
             inside = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
