@@ -33,6 +33,7 @@ from icp_lightning.core.masks import (
     save_slimmed,
     slim,
 )
+from icp_lightning.core.reweight import refit_head
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import Site, Sites, find_sites
 
@@ -40,6 +41,7 @@ _LAZY = {
     "CausalAttributionCallback": "icp_lightning.callbacks",
     "CausalPruningCallback": "icp_lightning.callbacks",
     "ReliabilityReport": "icp_lightning.callbacks.report",
+    "HeadRefitCallback": "icp_lightning.callbacks.refit",
     "ICPContrastiveModule": "icp_lightning.module",
     "ICPDataModule": "icp_lightning.data",
     "plant_shortcut": "icp_lightning.data",
@@ -60,6 +62,7 @@ __all__ = [
     "CausalPruningCallback",
     "CounterfactualOutput",
     "Effects",
+    "HeadRefitCallback",
     "ICPContrastiveModule",
     "ICPDataModule",
     "ICPLoss",
@@ -86,6 +89,7 @@ __all__ = [
     "load_slimmed",
     "make_permanent",
     "plant_shortcut",
+    "refit_head",
     "register_counterfactual",
     "remove_masks",
     "save_slimmed",

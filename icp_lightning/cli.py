@@ -22,6 +22,7 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
+from icp_lightning.callbacks.refit import HeadRefitCallback
 from icp_lightning.callbacks.report import ReliabilityReport
 from icp_lightning.data import ICPDataModule
 from icp_lightning.module import ICPContrastiveModule
@@ -37,6 +38,7 @@ class ICPLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CausalAttributionCallback, "attribution", required=False)
         parser.add_lightning_class_args(CausalPruningCallback, "pruning", required=False)
+        parser.add_lightning_class_args(HeadRefitCallback, "refit", required=False)
         parser.add_lightning_class_args(ReliabilityReport, "report", required=False)
         parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
 
