@@ -126,6 +126,55 @@ def peft_config(config: Any, task: Task) -> Any:
     raise TypeError(f"peft must be a peft.PeftConfig, a dict or None, got {type(config).__name__}")
 
 
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model: the members of its largest ``nn.ModuleList`` of identical blocks.
+
+    A candidate is an ``nn.ModuleList`` whose members all have one type and parameters (``bert.encoder.layer``,
+    ``model.layers``, ``transformer.h``, ...); the largest by parameter count wins. Another list that holds at
+    least half as many parameters and is not inside the chosen blocks is taken too (the encoder and decoder
+    stacks of T5 / BART), in module order. These are the units FSDP2 shards one by one.
+
+    Args:
+        model: any module (a Hugging Face model, possibly wrapped in PEFT).
+
+    Returns:
+        The blocks, in module order (empty when the model has no such list).
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=3,
+        ...                               num_attention_heads=2, intermediate_size=8)
+        >>> blocks = transformer_blocks(transformers.BertForSequenceClassification(cfg))
+        >>> len(blocks), type(blocks[0]).__name__
+        (3, 'BertLayer')
+    """
+    lists: list[tuple[str, nn.ModuleList, int]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            size = _n_params(module)
+            if len(kinds) == 1 and size > 0:
+                lists.append((name, module, size))
+    if not lists:
+        return []
+    lists.sort(key=lambda item: -item[2])
+    largest = lists[0][2]
+    chosen: list[tuple[str, nn.ModuleList, int]] = []
+    for name, module, size in lists:
+        if size * 2 < largest:
+            break
+        nested = any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other, _, _ in chosen)
+        if not nested:
+            chosen.append((name, module, size))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    chosen.sort(key=lambda item: order[item[0]])
+    return [block for _, module, _ in chosen for block in module]
+
+
 def _plain(value: Any) -> bool:
     """True for values a checkpoint can hold under ``torch.load(weights_only=True)``."""
     if value is None or isinstance(value, (str, bool, int, float)):
@@ -348,6 +397,51 @@ class ICPContrastiveModule(pl.LightningModule):
         if isinstance(weight, torch.Tensor):
             return int(weight.shape[0])
         return int(self.hf_model.config.vocab_size)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Parallelism
+
+    @override
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each transformer block, then the whole model.
+
+        With a device mesh (``self.device_mesh``, set by ``ModelParallelStrategy``), applies
+        ``torch.distributed.fsdp.fully_shard`` over the mesh's ``"data_parallel"`` dimension to every block of
+        :func:`transformer_blocks` (``bert.encoder.layer``, ``model.layers``, ``transformer.h``, ...) and then to
+        ``self.model`` (embeddings, heads and anything else in one root group). The parameters become
+        ``DTensor`` shards; the ICP callbacks find the sites again at ``on_fit_start`` and gather the parameters
+        for attribution themselves. Without a mesh (one device, DDP, ...) it does nothing; a second call does
+        nothing either.
+
+        Raises:
+            ValueError: a mesh with tensor parallelism (``tensor_parallel_size > 1``): only data-parallel
+                sharding is implemented here.
+
+        Example:
+            >>> trainer = pl.Trainer(accelerator="cpu", devices=2,  # doctest: +SKIP
+            ...     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+            >>> trainer.fit(module, datamodule=dm)  # configure_model shards the model on each rank  # doctest: +SKIP
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        names = tuple(mesh.mesh_dim_names or ())
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"ICPContrastiveModule.configure_model applies FSDP2 over data parallelism only, but the device mesh "
+                f"{names} has tensor_parallel size {mesh['tensor_parallel'].size()}: use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1), or subclass and "
+                "override configure_model to apply tensor parallelism"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for block in transformer_blocks(self.model):
+            if not isinstance(block, FSDPModule):
+                fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
 
     # ------------------------------------------------------------------------------------------------------
     # Model access and scores
