@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -140,29 +139,12 @@ def prune_top(model: torch.nn.Module, sites: Any, ranking: list[tuple[str, int, 
 
 
 def dfr(model: torch.nn.Module, data: Any, seed: int) -> torch.nn.Module:
-    """Deep feature reweighting: logistic regression on the frozen pooled features of the held-out split."""
-    from sklearn.linear_model import LogisticRegression
+    """Deep feature reweighting: refit the head (L2 logistic regression, l2=1) on the held-out split's frozen
+    features. The same estimator serves DFR (no pruning) and ICP + refit (after causal pruning)."""
+    from icp_lightning import refit_head
 
-    def features(loader: Any) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        with torch.no_grad():
-            for batch in loader:
-                xs.append(model.bert(**inputs_of(batch)).pooler_output)
-                ys.append(batch["labels"])
-        return torch.cat(xs).numpy(), torch.cat(ys).numpy()
-
-    model.eval()
-    x, y = features(data.heldout_dataloader())
-    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(x, y)
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        out.classifier.weight.copy_(
-            torch.tensor(np.stack([-clf.coef_[0] / 2, clf.coef_[0] / 2]), dtype=torch.float32)
-        )
-        out.classifier.bias.copy_(
-            torch.tensor([-clf.intercept_[0] / 2, clf.intercept_[0] / 2], dtype=torch.float32)
-        )
-    return out
+    refit_head(model, data.heldout_dataloader(), l2=1.0)
+    return model
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -202,7 +184,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
         return m
 
     cont("paired KL (told the token)", paired_kl)
-    cont("DFR (held-out last layer)", lambda m: dfr(m, data, seed))
+    cont("DFR (head refit on held-out, no pruning)", lambda m: dfr(m, data, seed))
 
     def jtt(m: torch.nn.Module) -> torch.nn.Module:
         # upweight ERM's training errors x20 and fine-tune one epoch
@@ -229,13 +211,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     random_rank = [flat[j] for j in torch.randperm(len(flat), generator=g).tolist()]
     k_main = args.prune_k[-1]
     cont(f"random prune {k_main} heads", lambda m: (prune_top(m, sites, random_rank, k_main), m)[1])
-    cont(
-        f"ICP prune top {k_main} heads + DFR",
-        lambda m: dfr((prune_top(m, sites, ranking, k_main), m)[1], data, seed),
-    )
+    for k in args.prune_k:
+        cont(f"ICP prune top {k} heads + head refit",
+             lambda m, _k=k: dfr((prune_top(m, sites, ranking, _k), m)[1], data, seed))  # fmt: skip
+    cont(f"random prune {k_main} heads + head refit",
+         lambda m: dfr((prune_top(m, sites, random_rank, k_main), m)[1], data, seed))  # fmt: skip
 
-    def icp_token_edit(m: torch.nn.Module) -> torch.nn.Module:
-        prune_top(m, sites, ranking, 4)
+    def icp_token_edit(m: torch.nn.Module, refit: bool = False) -> torch.nn.Module:
+        prune_top(m, sites, ranking, k_main)
         cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=8, replace_id=data.tokenizer.mask_token_id,
                                      special_token_ids=data.tokenizer.all_special_ids)  # fmt: skip
 
@@ -249,9 +232,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
                     + counterfactual_kl(logits, cf_logits))  # fmt: skip
 
         train(m, train_loader, 1, args.lr, loss)
-        return m
+        return dfr(m, data, seed) if refit else m
 
-    cont("ICP prune 4 + token-edit KL (not told the token)", icp_token_edit)
+    cont(f"ICP prune {k_main} + token-edit KL epoch", icp_token_edit)
+    cont(
+        f"ICP prune {k_main} + token-edit KL epoch + head refit (quickstart recipe)",
+        lambda m: icp_token_edit(m, True),
+    )
     results["_costs"] = costs
     return results
 
