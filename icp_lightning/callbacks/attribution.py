@@ -133,6 +133,8 @@ class CausalAttributionCallback(Callback):
         progress: show the engine's progress bar (on global rank 0 only).
         save_dir: where ``scores_epoch{E}.pt`` / ``.json`` go. ``None``: ``trainer.log_dir`` (the logger's
             directory, or ``default_root_dir`` without logger).
+        partner: where ``swap`` takes h' from: ``"paired"`` (the batch's ``cf_input_ids``), ``"permutation"``
+            (a seeded in-batch partner), ``"auto"`` (paired when batches carry ``cf_input_ids``).
 
     Attributes:
         sites: the resolved :class:`~icp_lightning.core.sites.Sites` (after ``setup``).
@@ -174,6 +176,7 @@ class CausalAttributionCallback(Callback):
         top_k_log: int = 20,
         progress: bool = True,
         save_dir: str | os.PathLike[str] | None = None,
+        partner: Literal["auto", "permutation", "paired"] = "auto",
     ) -> None:
         if granularity not in _GRANULARITIES:
             raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
@@ -266,6 +269,9 @@ class CausalAttributionCallback(Callback):
         self.top_k_log = top_k_log
         self.progress = progress
         self.save_dir = save_dir
+        if partner not in ("auto", "permutation", "paired"):
+            raise ValueError(f"partner must be 'auto', 'permutation' or 'paired', got {partner!r}")
+        self.partner: Literal["auto", "permutation", "paired"] = partner
 
         self.sites: Sites | None = None
         self.scores: Scores | None = None
@@ -313,6 +319,11 @@ class CausalAttributionCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------------
     # Listeners
+
+    def _partner(self, batch: Mapping[str, Any]) -> Literal["permutation", "paired"]:
+        if self.partner == "auto":
+            return "paired" if "cf_input_ids" in batch else "permutation"
+        return self.partner
 
     def add_listener(self, listener: AttributionListener) -> None:
         """Call ``listener(trainer, pl_module, self)`` after every attribution round (in registration order).
@@ -568,6 +579,7 @@ class CausalAttributionCallback(Callback):
                 self.method,
                 self.alpha,
                 mean_values=means,
+                partner=self._partner(group[0][1]),
                 seed=group[0][0] if intervention == "swap" else 0,
                 replay=replay,
                 progress=progress,
