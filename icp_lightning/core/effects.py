@@ -749,6 +749,9 @@ def causal_effects(
         "partner": partner if intervention.kind == "swap" else None,
         "granularity": sites.granularity,
     }
+    opts = _ExactOptions(
+        partner, seed, memory_budget_mb, rows_per_forward, trim_padding, bucket_size, replay, progress
+    )
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -760,17 +763,11 @@ def causal_effects(
             acc = _gradient(model, sites, batch_list, intervention, metric_fn, partner, seed, progress)
             out = Effects(acc.sums, acc.counts, meta)
         elif method == "exact":
-            acc, stats = _exact(
-                model, sites, batch_list, intervention, metric_fn, feats, partner, seed, memory_budget_mb,
-                rows_per_forward, trim_padding, bucket_size, replay, progress,
-            )  # fmt: skip
+            acc, stats = _exact(model, sites, batch_list, intervention, metric_fn, feats, opts)
             meta.update(stats)
             out = Effects(acc.sums, acc.counts, meta)
         else:
-            out = _screened(
-                model, sites, batch_list, intervention, metric_fn, partner, seed, memory_budget_mb,
-                rows_per_forward, trim_padding, bucket_size, replay, top_k, audit, progress, meta,
-            )  # fmt: skip
+            out = _screened(model, sites, batch_list, intervention, metric_fn, opts, top_k, audit, meta)
     finally:
         folded.__exit__(None, None, None)
         model.train(was_training)
@@ -792,6 +789,20 @@ def _take(batches: Iterable[Mapping[str, Any]], max_batches: int | None, device:
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class _ExactOptions:
+    """The exact engine's knobs, as given to :func:`causal_effects`."""
+
+    partner: Partner
+    seed: int
+    memory_budget_mb: float
+    rows_per_forward: int | None
+    trim_padding: bool
+    bucket_size: int
+    replay: str
+    progress: bool
+
+
 def _exact(
     model: nn.Module,
     sites: Sites,
@@ -799,16 +810,21 @@ def _exact(
     intervention: Intervention,
     metric: MetricFn,
     feats: Mapping[str, torch.Tensor],
-    partner: Partner,
-    seed: int,
-    memory_budget_mb: float,
-    rows_per_forward: int | None,
-    trim_padding: bool,
-    bucket_size: int,
-    replay: str,
-    progress: bool,
+    opts: _ExactOptions,
 ) -> tuple[_Accumulator, dict[str, Any]]:
-    engine = _Engine(model, sites, intervention, metric, memory_budget_mb, rows_per_forward, replay, progress)
+    partner, seed, trim_padding, bucket_size, progress = (
+        opts.partner, opts.seed, opts.trim_padding, opts.bucket_size, opts.progress
+    )  # fmt: skip
+    engine = _Engine(
+        model,
+        sites,
+        intervention,
+        metric,
+        opts.memory_budget_mb,
+        opts.rows_per_forward,
+        opts.replay,
+        progress,
+    )
     acc = _Accumulator(sites)
     is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     total = len(batches) * sum(int(f.numel()) for f in feats.values())
@@ -932,19 +948,13 @@ def _screened(
     batches: list[dict],
     intervention: Intervention,
     metric: MetricFn,
-    partner: Partner,
-    seed: int,
-    memory_budget_mb: float,
-    rows_per_forward: int | None,
-    trim_padding: bool,
-    bucket_size: int,
-    replay: str,
+    opts: _ExactOptions,
     top_k: int,
     audit: int,
-    progress: bool,
     meta: dict[str, Any],
 ) -> Effects:
-    grad_acc = _gradient(model, sites, batches, intervention, metric, partner, seed, progress)
+    seed = opts.seed
+    grad_acc = _gradient(model, sites, batches, intervention, metric, opts.partner, seed, opts.progress)
     grad = Effects(grad_acc.sums, grad_acc.counts, meta)
     index = [(n, i) for n in sites for i in range(sites[n].n_features)]
     flat = grad.flat().double()
@@ -957,10 +967,7 @@ def _screened(
     for j in torch.cat([top, sample]).tolist():
         chosen.setdefault(index[j][0], []).append(index[j][1])
     feats = {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in chosen.items()}
-    exact_acc, stats = _exact(
-        model, sites, batches, intervention, metric, feats, partner, seed, memory_budget_mb,
-        rows_per_forward, trim_padding, bucket_size, replay, progress,
-    )  # fmt: skip
+    exact_acc, stats = _exact(model, sites, batches, intervention, metric, feats, opts)
     exact = Effects(exact_acc.sums, exact_acc.counts, meta)
     sums, counts = {}, {}
     for n in sites:
