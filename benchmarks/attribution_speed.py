@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--ppe", type=int, nargs="+", default=[1, 16, 64], help="Captum perturbations_per_eval")
+    parser.add_argument(
+        "--ppe", type=int, nargs="+", default=[1, 16, 64], help="Captum perturbations_per_eval"
+    )
     parser.add_argument("--skip-slow", action="store_true", help="skip Captum ppe=1 and the naive loop")
     parser.add_argument("--out", default="benchmarks/results/attribution_speed.md")
     args = parser.parse_args()
@@ -109,7 +111,11 @@ def main() -> None:
             with torch.no_grad():
                 return _abl.attribute(
                     batch["input_ids"],
-                    additional_forward_args=(batch["attention_mask"], batch["token_type_ids"], batch["labels"]),
+                    additional_forward_args=(
+                        batch["attention_mask"],
+                        batch["token_type_ids"],
+                        batch["labels"],
+                    ),
                     layer_baselines=0.0,
                     layer_mask=layer_mask,
                     attribute_to_layer_input=True,
@@ -143,7 +149,9 @@ def main() -> None:
         rows.append(("naive loop (one forward per feature)", t_naive, diff))
         print(f"naive: {t_naive:.2f}s  max|diff| vs exact {diff:.2e}")
 
-    grad, t_grad = timed(lambda: causal_effects(model, [batch], sites, method="gradient", progress=False), repeat=3)
+    grad, t_grad = timed(
+        lambda: causal_effects(model, [batch], sites, method="gradient", progress=False), repeat=3
+    )
     g = grad[site_name]
     rho = spearman(g, ce)
     top_e = set(torch.argsort(ce, descending=True)[:50].tolist())
@@ -154,8 +162,12 @@ def main() -> None:
 
     speedup = captum_best / t_exact
     grad_ratio = t_exact / t_grad
-    print(f"exact vs best Captum: {speedup:.2f}x faster (target >= 3x); exact vs naive: {t_naive / t_exact:.2f}x")
-    print(f"gradient vs exact: {grad_ratio:.0f}x less time (target >= 100x), spearman {rho:.3f} (target >= 0.9)")
+    print(
+        f"exact vs best Captum: {speedup:.2f}x faster (target >= 3x); exact vs naive: {t_naive / t_exact:.2f}x"
+    )
+    print(
+        f"gradient vs exact: {grad_ratio:.0f}x less time (target >= 100x), spearman {rho:.3f} (target >= 0.9)"
+    )
 
     lines = [
         "# Attribution speed: exact engine vs Captum vs naive loop",

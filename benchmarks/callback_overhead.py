@@ -61,7 +61,10 @@ def fit_once(with_callbacks: bool, args: argparse.Namespace) -> tuple[list[float
     timer = EpochTimer()
     callbacks = [timer.callback()]
     if with_callbacks:
-        callbacks += [CausalAttributionCallback(progress=False), CausalPruningCallback(amount=0.05, verbose=False)]
+        callbacks += [
+            CausalAttributionCallback(progress=False),
+            CausalPruningCallback(amount=0.05, verbose=False),
+        ]
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu",
                          enable_model_summary=False)  # fmt: skip

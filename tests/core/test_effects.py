@@ -420,7 +420,7 @@ def test_effects_on_a_masked_model_equal_a_hand_scaled_copy(soft):
               for n, s in sites.items()}  # fmt: skip
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for name, site in sites.items():
+        for name in sites:
             dict(reference.named_modules())[name].weight.mul_(values[name][None, :])
     apply_masks(model, sites, values)
     effects = causal_effects(model, [batch], sites, progress=False)
