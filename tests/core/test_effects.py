@@ -158,8 +158,9 @@ def test_null_interventions_have_zero_effect(arch):
         model, [batch], sites, Intervention("swap", source=store), metric, progress=False
     )
     for name in sites:
-        assert scale1[name].abs().max() < 1e-6
-        assert self_swap[name].abs().max() < 1e-6
+        # zero up to fp32 rounding of the metric (T5's summed token log-probs are ~20 in size)
+        assert scale1[name].abs().max() < 1e-5
+        assert self_swap[name].abs().max() < 1e-5
 
 
 def test_paired_swap_uses_batch_counterfactuals():
