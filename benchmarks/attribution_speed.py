@@ -64,7 +64,10 @@ def main() -> None:
     )
     parser.add_argument("--skip-slow", action="store_true", help="skip Captum ppe=1 and the naive loop")
     parser.add_argument("--out", default="benchmarks/results/attribution_speed.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
     from captum.attr import LayerFeatureAblation
@@ -172,7 +175,9 @@ def main() -> None:
     lines = [
         "# Attribution speed: exact engine vs Captum vs naive loop",
         "",
-        f"Command: `.venv/bin/python -m benchmarks.attribution_speed --layer {args.layer}`  ",
+        f"Command: `.venv/bin/python -m benchmarks.attribution_speed --layer {args.layer}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), CPU.  ",
         f"Model: all-MiniLM-L6-v2 (real weights, seeded 2-class head); site `{site_name}`, all {n_feat} FFN "

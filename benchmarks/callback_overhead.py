@@ -120,7 +120,10 @@ def main() -> None:
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/callback_overhead.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
