@@ -788,7 +788,6 @@ def _take(batches: Iterable[Mapping[str, Any]], max_batches: int | None, device:
     return out
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class _ExactOptions:
     """The exact engine's knobs, as given to :func:`causal_effects`."""
@@ -803,6 +802,7 @@ class _ExactOptions:
     progress: bool
 
 
+@torch.no_grad()
 def _exact(
     model: nn.Module,
     sites: Sites,

@@ -434,3 +434,16 @@ def test_effects_on_a_masked_model_equal_a_hand_scaled_copy(soft):
     # the masks are back, bit for bit
     for name, mask in get_masks(model).items():
         assert torch.equal(mask, values[name])
+
+
+def test_exact_builds_no_autograd_graph():
+    """The exact engine runs under no_grad (a decorator slip once made it build graphs: slow, same numbers)."""
+    model = tiny_model("bert")
+    seen = []
+
+    def metric(out, batch):
+        seen.append(torch.is_grad_enabled() or out.logits.requires_grad)
+        return label_logprob(out, batch)
+
+    causal_effects(model, [tiny_batch("bert")], find_sites(model), metric=metric, progress=False)
+    assert seen and not any(seen)
