@@ -130,8 +130,11 @@ def icp_scores(model: torch.nn.Module, data: Any, granularity: str, method: str 
 
 
 def prune_top(model: torch.nn.Module, sites: Any, ranking: list[tuple[str, int, float]], k: int) -> None:
-    from icp_lightning import apply_masks
+    from icp_lightning import apply_masks, find_sites
 
+    sites = find_sites(
+        model, target_modules=list(sites), granularity=sites.granularity
+    )  # this copy's modules
     values = {n: torch.ones(sites[n].n_features) for n in sites}
     for name, feat, _ in ranking[:k]:
         values[name][feat] = 0.0
@@ -150,7 +153,7 @@ def dfr(model: torch.nn.Module, data: Any, seed: int) -> torch.nn.Module:
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import lightning.pytorch as pl
 
-    from icp_lightning import TokenEditCounterfactual, counterfactual_kl
+    from icp_lightning import TokenEditCounterfactual, counterfactual_kl, find_sites
     from icp_lightning.core.interventions import counterfactual_batch
 
     pl.seed_everything(seed, verbose=False)
@@ -219,12 +222,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
 
     def icp_token_edit(m: torch.nn.Module, refit: bool = False) -> torch.nn.Module:
         prune_top(m, sites, ranking, k_main)
+        m_sites = find_sites(m, granularity="head")  # hooks must go on this copy's modules
         cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=8, replace_id=data.tokenizer.mask_token_id,
                                      special_token_ids=data.tokenizer.all_special_ids)  # fmt: skip
 
         def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             model.eval()
-            out = cf.build(model, inputs_of(batch) | {"labels": batch["labels"]}, scores, sites)
+            out = cf.build(model, inputs_of(batch) | {"labels": batch["labels"]}, scores, m_sites)
             model.train()
             logits = model(**inputs_of(batch)).logits
             cf_logits = model(**inputs_of(out.batch)).logits
