@@ -120,7 +120,10 @@ class CausalAttributionCallback(Callback):
             ``val_set_names`` (or ``eval_sets``) attribute of the datamodule / module, else ``val_0``, ``val_1``,
             ...; a single dataloader is named ``val``. Give plain (not distributed) dataloaders without
             shuffling: the callback shards batches over ranks itself.
-        method: ``"exact"``, ``"gradient"`` or ``"screened"`` (see :func:`~icp_lightning.core.effects.causal_effects`).
+        method: ``"gradient"`` (default: one forward and one backward per batch for every feature; Spearman
+            0.9+ with exact effects on MiniLM, see ``benchmarks/results/attribution_speed.md``), ``"exact"``
+            (true effects; minutes per layer on a CPU) or ``"screened"`` (gradient, then exact for the top-k)
+            (see :func:`~icp_lightning.core.effects.causal_effects`).
         max_batches: at most this many batches of each data set (over all ranks together); ``None``: all.
         every_n_epochs: attribute after epochs ``every_n_epochs - 1``, ``2 * every_n_epochs - 1``, ...
         max_rounds: stop attributing (and so pruning) after this many rounds; ``None``: no limit. Rounds restored
@@ -167,7 +170,7 @@ class CausalAttributionCallback(Callback):
         dataset_weights: Mapping[str, float] | None = None,
         reduction: Literal["signed", "abs"] = "signed",
         attribution_data: Mapping[str, Any] | None = None,
-        method: Literal["exact", "gradient", "screened"] = "exact",
+        method: Literal["exact", "gradient", "screened"] = "gradient",
         max_batches: int | None = 8,
         every_n_epochs: int = 1,
         max_rounds: int | None = None,

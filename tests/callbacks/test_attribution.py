@@ -29,7 +29,7 @@ from tests.callbacks._helpers import (
 )
 from tests.conftest import tiny_batch
 
-FAST = dict(progress=False, max_batches=2)
+FAST = dict(progress=False, max_batches=2, method="exact")
 
 
 # ----------------------------------------------------------------------------------------------------------
