@@ -66,6 +66,7 @@ def fit_once(with_callbacks: bool, args: argparse.Namespace) -> tuple[list[float
             CausalPruningCallback(amount=0.05, verbose=False),
         ]
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         default_root_dir="runs/callback_overhead",
                          enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu",
                          enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=data)
