@@ -147,7 +147,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _length_buckets(
-    batch: Mapping[str, Any], bucket_size: int, seq_dim_keys: Sequence[str] | None = None
+    batch: Mapping[str, Any], bucket_size: int
 ) -> list[tuple[torch.Tensor, dict[str, Any], int]]:
     """Split a right-padded batch into buckets of similar length, trimming trailing all-padding columns.
 
@@ -173,11 +173,7 @@ def _length_buckets(
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
                 value = value[idx.to(value.device)]
-                if (
-                    value.dim() >= 2
-                    and value.shape[1] == t_full
-                    and (seq_dim_keys is None or key in seq_dim_keys)
-                ):
+                if value.dim() >= 2 and value.shape[1] == t_full:
                     value = value[:, :keep]
             sub[key] = value
         out.append((idx, sub, keep))
@@ -335,15 +331,10 @@ class _SitePatch:
         self.site, self.h, self.y, self.delta, self.feats = site, h, y, delta, feats
         self.use_rank1 = _rank1_ok(site.module)
 
-    def _cols(self) -> torch.Tensor:
-        g = self.site.group_size
-        feats = self.feats.to(self.delta.device)
-        return feats[:, None] * g + torch.arange(g, device=feats.device)[None, :]  # [K, g]
-
     def output(self) -> torch.Tensor:
         site, y, delta = self.site, self.y, self.delta
         n, k = y.shape[0], self.feats.numel()
-        cols = self._cols()
+        cols = _feature_columns(self.feats, site.group_size, delta.device)  # [K, g]
         d = delta.reshape(n, -1, delta.shape[-1])  # [N, P, C]
         if self.use_rank1:
             weight = site.module.weight
@@ -430,6 +421,12 @@ class _FirstTokenReadout:
             del self.layer.forward
 
 
+def _feature_columns(feats: torch.Tensor, group_size: int, device: torch.device) -> torch.Tensor:
+    """``[K, group_size]`` input-column indices of K features."""
+    feats = feats.to(device)
+    return feats[:, None] * group_size + torch.arange(group_size, device=device)[None, :]
+
+
 def _rank1_ok(module: nn.Module) -> bool:
     plain = type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
     return plain and not module._forward_hooks and not module._forward_pre_hooks
@@ -443,16 +440,12 @@ class _RowIntervention:
 
     def __enter__(self) -> _RowIntervention:
         site, feats, delta = self.site, self.feats, self.delta
-        g = site.group_size
         k = feats.numel()
         sel = torch.zeros(k, site.in_features, dtype=delta.dtype, device=delta.device)
-        cols = feats[:, None].to(delta.device) * g + torch.arange(g, device=delta.device)[None, :]
-        sel.scatter_(1, cols, 1.0)
-        shape = (k, *delta.shape)
+        sel.scatter_(1, _feature_columns(feats, site.group_size, delta.device), 1.0)
         add = (delta.unsqueeze(0) * sel.reshape(k, *([1] * (delta.dim() - 1)), -1)).reshape(
             k * delta.shape[0], *delta.shape[1:]
         )
-        assert add.shape[0] == shape[0] * shape[1]
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             h = args[0] if args else kwargs["input"]
@@ -536,17 +529,14 @@ class _Engine:
         memory_budget_mb: float,
         rows_per_forward: int | None,
         replay: str,
-        progress: bool,
     ) -> None:
         self.model, self.sites, self.intervention, self.metric = model, sites, intervention, metric
         self.budget = memory_budget_mb * 2**20
         self.rows = rows_per_forward
         self.replay = replay
-        self.progress = progress
         self.checked: dict[str, bool] = {}
         self.width = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
         self.stats = {"forwards": 0, "rows": 0, "fallback_sites": 0}
-        self.readout_fast_path = True
 
     def run_batch(
         self,
@@ -609,7 +599,7 @@ class _Engine:
                 bar.update(kk)
 
     def _readout(self, site_name: str) -> Any:
-        fast = _FirstTokenReadout.for_site(self.model, site_name) if self.readout_fast_path else None
+        fast = _FirstTokenReadout.for_site(self.model, site_name)
         return fast if fast is not None else contextlib.nullcontext()
 
     def _check_replay(
@@ -823,7 +813,6 @@ def _exact(
         opts.memory_budget_mb,
         opts.rows_per_forward,
         opts.replay,
-        progress,
     )
     acc = _Accumulator(sites)
     is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
