@@ -347,23 +347,7 @@ class CausalAttributionCallback(Callback):
 
     def model_of(self, pl_module: pl.LightningModule) -> nn.Module:
         """The Hugging Face model inside ``pl_module`` (``model_attr``, else ``pl_module.model``, else itself)."""
-        if self.model_attr is not None:
-            obj: Any = pl_module
-            for part in self.model_attr.split("."):
-                if not hasattr(obj, part):
-                    children = [n for n, _ in pl_module.named_children()]
-                    raise ValueError(
-                        f"model_attr={self.model_attr!r}: {type(obj).__name__} has no attribute {part!r}. "
-                        f"Child modules of the LightningModule: {children}"
-                    )
-                obj = getattr(obj, part)
-            if not isinstance(obj, nn.Module):
-                raise ValueError(
-                    f"model_attr={self.model_attr!r} is a {type(obj).__name__}, not an nn.Module"
-                )
-            return obj
-        inner = getattr(pl_module, "model", None)
-        return inner if isinstance(inner, nn.Module) else pl_module
+        return hf_model_of(pl_module, self.model_attr)
 
     def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
         model = self.model_of(pl_module)
@@ -651,6 +635,30 @@ def _set_names(owner: Any, n: int) -> list[str] | None:
         if isinstance(names, (list, tuple)) and len(names) == n and all(isinstance(x, str) for x in names):
             return list(names)
     return None
+
+
+def hf_model_of(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
+    """The Hugging Face model inside a LightningModule: the dotted ``model_attr``, else ``pl_module.model`` if that
+    is a module, else the LightningModule itself. Shared by the ICP callbacks.
+
+    Raises:
+        ValueError: ``model_attr`` names no attribute, or not an ``nn.Module``.
+    """
+    if model_attr is not None:
+        obj: Any = pl_module
+        for part in model_attr.split("."):
+            if not hasattr(obj, part):
+                children = [n for n, _ in pl_module.named_children()]
+                raise ValueError(
+                    f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}. "
+                    f"Child modules of the LightningModule: {children}"
+                )
+            obj = getattr(obj, part)
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"model_attr={model_attr!r} is a {type(obj).__name__}, not an nn.Module")
+        return obj
+    inner = getattr(pl_module, "model", None)
+    return inner if isinstance(inner, nn.Module) else pl_module
 
 
 def _check_not_fsdp1(pl_module: nn.Module) -> None:

@@ -18,9 +18,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import nn
 from typing_extensions import override
 
+from icp_lightning.callbacks.attribution import hf_model_of
 from icp_lightning.core.reweight import refit_head
 
 
@@ -53,15 +53,6 @@ class HeadRefitCallback(Callback):
         self.dataset, self.l2, self.at, self.model_attr = dataset, float(l2), at, model_attr
         self.last_info: dict[str, Any] | None = None
 
-    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.model_attr:
-            obj: Any = pl_module
-            for part in self.model_attr.split("."):
-                obj = getattr(obj, part)
-            return obj  # type: ignore[no-any-return]
-        inner = getattr(pl_module, "model", None)
-        return inner if isinstance(inner, nn.Module) else pl_module
-
     def _loader(self, trainer: pl.Trainer) -> Any:
         dm = trainer.datamodule  # type: ignore[attr-defined]
         if dm is None:
@@ -80,7 +71,7 @@ class HeadRefitCallback(Callback):
             return
         if self.at == "last_epoch" and trainer.current_epoch != (trainer.max_epochs or 1) - 1:
             return
-        model = self._model(pl_module)
+        model = hf_model_of(pl_module, self.model_attr)
         self.last_info = refit_head(model, self._loader(trainer), l2=self.l2)
         rank_zero_info(
             f"[icp] refit {self.last_info['head']} on {self.dataset!r} ({self.last_info['n_examples']} examples, "
