@@ -1021,6 +1021,11 @@ class ICPDataModule(pl.LightningDataModule):
         else:
             plan = [(f"{name}_{mode}", name, mode) for name in raw for mode in self.shortcut_modes]
         if self.heldout_size:
+            if "heldout" in raw:
+                raise ValueError(
+                    "an evaluation set is named 'heldout', the name of the set heldout_size carves from the "
+                    "training data: rename that evaluation set, or set heldout_size=0 to use it as the held-out set"
+                )
             plan.append(("heldout", "heldout", "id" if self.shortcut_token is not None else None))
         _check_names([p[0] for p in plan], "evaluation set")
         self._plan = plan
@@ -1347,7 +1352,7 @@ class ICPDataModule(pl.LightningDataModule):
             self.train_dataset = self._tokenize(train, "train")
 
         for name, raw_name, mode in plan:
-            if raw_name == "heldout" and name == "heldout":
+            if raw_name == "heldout" and name == "heldout" and self.heldout_size:
                 assert heldout is not None
                 ds = self._plant(heldout, 0.5, "id") if self.shortcut_token is not None else heldout
             else:

@@ -693,3 +693,15 @@ def test_one_step_lightning_fit(tmp_path: Path, tokenizer_path: str) -> None:
     assert trainer.global_step == 1
     assert [name for name, _ in model.seen] == ["id", "ood", "clean"]
     assert set(trainer.callback_metrics) >= {"val/id/loss", "val/ood/loss", "val/clean/loss"}
+
+
+def test_an_eval_set_named_heldout(tmp_path: Path, tokenizer_path: str) -> None:
+    """Without heldout_size, an evaluation file named ``heldout`` is an ordinary set; with heldout_size the clash
+    is an error that says what to do (it was an AssertionError)."""
+    held = write_csv(tmp_path / "held.csv", review_rows(4, offset=2))
+    dm = files_module(tmp_path, tokenizer_path, eval_files={"heldout": held})
+    assert dm.eval_set_names == ["heldout"]
+    dm.setup()
+    assert n_rows(dm.eval_datasets["heldout"]) == 4
+    with pytest.raises(ValueError, match="an evaluation set is named 'heldout'.*rename that evaluation set"):
+        files_module(tmp_path, tokenizer_path, eval_files={"heldout": held}, heldout_size=4)
