@@ -125,9 +125,9 @@ class CausalAttributionCallback(Callback):
             (true effects; minutes per layer on a CPU) or ``"screened"`` (gradient, then exact for the top-k)
             (see :func:`~icp_lightning.core.effects.causal_effects`).
         max_batches: at most this many batches of each data set (over all ranks together); ``None``: all.
-            The default, 4, keeps a round at about 2.3 s per data set of 32-sentence batches for MiniLM-L6 on
-            one CPU core (6% of a 1,024-sentence epoch); 8 batches rank features with Spearman 0.82 to it
-            (``benchmarks/results/callback_overhead.md``). Give more for steadier scores on small data.
+            The default, 4, keeps a round at 2-4 s per data set of 32-sentence batches for MiniLM-L6 on one
+            CPU core (the callbacks add 3% to 1,024-sentence epochs); scores from 8 batches rank features with
+            Spearman 0.84 to it (``benchmarks/results/callback_overhead.md``). Give more for steadier scores.
         every_n_epochs: attribute after epochs ``every_n_epochs - 1``, ``2 * every_n_epochs - 1``, ...
         max_rounds: stop attributing (and so pruning) after this many rounds; ``None``: no limit. Rounds restored
             from a checkpoint count.
