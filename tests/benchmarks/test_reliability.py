@@ -1,0 +1,137 @@
+"""The reliability benchmark's own computations, against closed forms and naive loops (tiny models, no weights)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from benchmarks import reliability as rel
+
+
+def _tiny_bert() -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=24, num_labels=2)  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_shift_auc_closed_form() -> None:
+    # all in-domain right, all shifted wrong: accuracy at share p is 1 - p exactly (n = 100), so the area is 1/2
+    assert rel.shift_auc(torch.ones(100), torch.zeros(100), seed=0) == pytest.approx(0.5)
+    # equal accuracy everywhere: the curve is flat at that accuracy
+    assert rel.shift_auc(torch.ones(50), torch.ones(80), seed=3) == pytest.approx(1.0)
+    # a random mix: the trapezoid of the mean accuracies of the mixes, recomputed by a naive loop
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(60, generator=g) > 0.3).float(), (torch.rand(40, generator=g) > 0.6).float()
+    gen = torch.Generator().manual_seed(5)
+    accs = []
+    for p in np.linspace(0, 1, 11):
+        k = round(p * 40)
+        picked = (
+            b[torch.randperm(40, generator=gen)[:k]].tolist()
+            + a[torch.randperm(60, generator=gen)[: 40 - k]].tolist()
+        )
+        accs.append(sum(picked) / 40)
+    naive = sum((accs[i] + accs[i + 1]) / 2 * 0.1 for i in range(10))
+    assert rel.shift_auc(a, b, seed=5) == pytest.approx(naive)
+
+
+def test_prune_zeroes_exactly_the_top_k_heads() -> None:
+    from icp_lightning import find_sites
+    from icp_lightning.core.masks import get_masks
+
+    model = _tiny_bert()
+    sites = find_sites(model, granularity="head")
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(sites[n].n_features, generator=g) for n in sites}
+    tau = rel.prune(model, sites, scores, 3)
+    flat = sorted(
+        ((float(scores[n][i]), n, i) for n in sites for i in range(sites[n].n_features)), reverse=True
+    )
+    expected = {(n, i) for _, n, i in flat[:3]}
+    masks = get_masks(model)
+    got = {(n, i) for n in masks for i in range(len(masks[n])) if float(masks[n][i]) == 0.0}
+    assert got == expected
+    assert tau == pytest.approx(flat[2][0])
+    # cumulative: pruning 2 more keeps the first 3 (amount counts the remaining candidates)
+    rel.prune(model, sites, scores, 2)
+    masks = get_masks(model)
+    assert sum(int((m == 0).sum()) for m in masks.values()) == 5
+
+
+def test_magnitude_prune_matches_a_naive_l1_column_choice() -> None:
+    from icp_lightning import find_sites
+
+    model = _tiny_bert()
+    sites = find_sites(model, granularity="head")
+    before = {n: site.module.weight.detach().clone() for n, site in sites.items()}
+    rel.magnitude_prune(model, k_heads=2, n_heads=8)  # a quarter of each module's input columns
+    for n, site in sites.items():
+        w = site.module.weight.detach()
+        assert not hasattr(site.module, "weight_orig")  # made permanent
+        norms = before[n].abs().sum(0)  # L1 norm of each input column
+        n_prune = round(0.25 * norms.numel())
+        expected = set(norms.argsort()[:n_prune].tolist())
+        zero = {int(c) for c in torch.nonzero((w == 0).all(0)).flatten()}
+        assert zero == expected
+        keep = [c for c in range(norms.numel()) if c not in expected]
+        assert torch.equal(w[:, keep], before[n][:, keep])
+
+
+def test_per_layer_counts_the_top_features_by_layer() -> None:
+    from icp_lightning import find_sites
+
+    model = _tiny_bert()
+    sites = find_sites(model, granularity="head")
+    names = list(sites)
+    scores = {names[0]: torch.tensor([0.9, 0.1, 0.8, 0.0]), names[1]: torch.tensor([0.7, 0.2, 0.3, 0.95])}
+    assert rel._per_layer(sites, scores, 3) == {"0": 2, "1": 1}
+
+
+def test_summarise_mean_std_and_missing_methods() -> None:
+    per_seed = [{"ERM": {"acc": 0.5}, "x": {"acc": 1.0}}, {"ERM": {"acc": 0.7}}]
+    s = rel.summarise(per_seed)
+    assert s["ERM"]["acc"][0] == pytest.approx(0.6)
+    assert s["ERM"]["acc"][1] == pytest.approx(float(np.std([0.5, 0.7], ddof=1)))
+    assert s["x"]["acc"] == [1.0, 0.0, 1.0]
+
+
+def test_setting_c_rows_plant_the_correlation_and_balance_the_test_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datasets import Dataset, DatasetDict
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    texts = [f"sentence {i}" for i in range(n)]
+    labels = rng.integers(0, 2, n).tolist()
+    fake = DatasetDict({"train": Dataset.from_dict({"text": texts, "label": labels}),
+                        "test": Dataset.from_dict({"text": texts[:600], "label": labels[:600]})})  # fmt: skip
+    monkeypatch.setattr("icp_lightning.recipes.rotten_tomatoes", lambda seed=0: fake)
+    captured = {}
+    monkeypatch.setattr(
+        rel, "_files_module", lambda seed, args, splits, **kw: captured.setdefault("s", splits) or None
+    )
+    with pytest.raises(AttributeError):  # the captured splits are all this test needs
+        rel.bench_c(argparse.Namespace(train=1000, eval=400), seed=0)
+    splits = captured["s"]
+    train = splits["train"]
+    assert len(train) == 1000 and len(splits["balanced"]) == 400 and len(splits["heldout"]) == rel.HELDOUT
+    female = np.array([r["group"] % 2 for r in train])
+    y = np.array([r["label"] for r in train])
+    assert abs(female[y == 1].mean() - 0.1) < 0.04 and abs(female[y == 0].mean() - 0.9) < 0.04
+    for name in ("balanced", "heldout"):
+        rows = splits[name]
+        for label in (0, 1):
+            g = [r["group"] % 2 for r in rows if r["label"] == label]
+            assert abs(sum(g) - len(g) / 2) <= 0.5  # exactly half female within each label
+    for r in splits["balanced"]:
+        name, cf_name = r["text"].split()[0], r["cf_text"].split()[0]
+        assert r["text"].split(" ", 1)[1] == r["cf_text"].split(" ", 1)[1]
+        i = (rel.MALE + rel.FEMALE).index(name) % len(rel.MALE)
+        assert cf_name == (rel.FEMALE if name in rel.MALE else rel.MALE)[i]
+        assert (name in rel.FEMALE) == bool(r["group"] % 2)
