@@ -16,8 +16,11 @@ Mechanism (why an input hook and not a weight parametrization):
       :func:`effective_weight` (``W * m``) stays exactly zero on pruned columns;
     * PEFT LoRA: masks are put on the adapter *wrapper* that ``find_sites`` returns, so the base path and the
       adapter path ``lora_B(lora_A(dropout(h)))`` both read the masked input;
-    * DDP and FSDP2 (``fully_shard``, DTensor parameters): the hook never touches a parameter, so it cannot
-      hold a stale reference to an unsharded or resharded weight; the buffer is replicated, not sharded;
+    * DDP, FSDP2 (``fully_shard``, DTensor parameters) and FSDP1 (``FullyShardedDataParallel`` with
+      ``use_orig_params=True``, flat parameters): the hook never touches a parameter, so it cannot hold a stale
+      reference to an unsharded or resharded weight; the buffer is replicated, not sharded. Under FSDP1 the
+      weights are flat shards outside ``summon_full_params``: fold (:func:`make_permanent`) inside
+      ``FullyShardedDataParallel.summon_full_params(model, writeback=True)``;
     * the masks live in ``state_dict()`` under ``<module>.icp_mask`` and :func:`load_masks_state` restores
       them in a freshly built model; :func:`remove_masks` restores the untouched weights bit for bit.
 
@@ -66,6 +69,8 @@ from icp_lightning.core.sites import (  # Site: used by the doctests
     in_features_of,
     is_linear,
     is_transposed,
+    module_name,
+    named_modules,
 )
 
 try:  # DTensor parameters (FSDP2 ``fully_shard``, tensor parallel).
@@ -140,7 +145,8 @@ def _has_mask(module: nn.Module) -> bool:
 
 
 def _masked_modules(model: nn.Module, warn: bool = True) -> list[tuple[str, nn.Module]]:
-    found = [(n, m) for n, m in model.named_modules() if _has_mask(m)]
+    """``(name, module)`` of every masked module; names without FSDP1 / checkpoint wrapper segments."""
+    found = [(module_name(n), m) for n, m in model.named_modules() if _has_mask(m)]
     stray = [n for n, _ in found if n.endswith(".base_layer")]
     if stray and warn:
         warnings.warn(
@@ -157,6 +163,20 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
     return weight
+
+
+def _check_unflattened(name: str, module: nn.Module) -> None:
+    """Raise unless the weights of ``module`` are 2-D (not FSDP1 flat shards)."""
+    weights = [_weight_of(module)]
+    if _is_lora(module):
+        lora: Any = module
+        weights += [a.weight for a in lora.lora_A.values()]
+    if any(w.ndim != 2 for w in weights):
+        raise ValueError(
+            f"the weight of {name!r} has shape {list(weights[0].shape)}, not [out, in]: an FSDP1 "
+            "(FullyShardedDataParallel) flat shard. Call this on every rank inside "
+            "FullyShardedDataParallel.summon_full_params(model, writeback=True)"
+        )
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -348,10 +368,12 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     ``(W + sum_a scaling_a * B_a @ A_a) * m`` over input columns: ``W`` in ``nn.Linear`` layout (GPT-2
     ``Conv1D`` weights are transposed), the active, unmerged LoRA adapters of a PEFT wrapper added, and the
     per-column mask ``m`` (ones if the module has none). A DTensor (FSDP2) weight is gathered with
-    ``full_tensor()``, a collective: call it on every rank. Differentiable w.r.t. the parameters.
+    ``full_tensor()``, a collective: call it on every rank. An FSDP1 weight must be read inside
+    ``FullyShardedDataParallel.summon_full_params``. Differentiable w.r.t. the parameters.
 
     Raises:
         NotImplementedError: a PEFT wrapper other than plain LoRA (DoRA and other variants).
+        ValueError: the weight is an FSDP1 flat shard (outside ``summon_full_params``).
 
     Example:
         >>> import torch
@@ -360,6 +382,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
         >>> bool(torch.equal(effective_weight(layer), layer.weight * torch.tensor([1.0, 0.5, 0.0])))
         True
     """
+    _check_unflattened(type(module).__name__, module)
     weight = _full(_weight_of(module))
     if is_transposed(module):
         weight = weight.t()
@@ -414,7 +437,8 @@ def load_masks_state(
         >>> get_masks(fresh)[""].tolist()
         [0.0, 1.0]
     """
-    modules = dict(model.named_modules())
+    # Keys as the model's own state_dict() writes them: FSDP1 and checkpoint wrappers drop their segments.
+    modules = {**dict(model.named_modules()), **named_modules(model)}
     suffix = MASK_BUFFER
     wanted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -485,11 +509,15 @@ def make_permanent(model: nn.Module) -> None:
     computes what the masked one did; merged adapters are already in the base weight and are folded with it.
     To fold into a single matrix instead, call ``make_permanent`` then ``merge_and_unload()``. Do not call
     ``merge_and_unload()`` while masks are installed: it drops the wrapper and the masks with it. DTensor
-    (FSDP2) weights are scaled shard by shard, so every rank must call this.
+    (FSDP2) weights are scaled shard by shard, so every rank must call this. FSDP1 (flat) weights must be
+    unflattened first: call it on every rank inside ``FullyShardedDataParallel.summon_full_params(model,
+    writeback=True)``.
 
     Raises:
         NotImplementedError: a masked PEFT wrapper whose output is not linear in the weight columns (DoRA and
             other LoRA variants, non-LoRA adapters): nothing is changed.
+        ValueError: a masked module's weight is an FSDP1 flat shard (outside ``summon_full_params``): nothing
+            is changed.
 
     Example:
         >>> import torch
@@ -504,6 +532,7 @@ def make_permanent(model: nn.Module) -> None:
     masked = _masked_modules(model)
     for name, module in masked:
         _check_foldable(name, module)
+        _check_unflattened(name, module)
     for _, module in masked:
         _fold(module)
         _uninstall(module)
@@ -934,12 +963,14 @@ def masks_folded(model: nn.Module) -> Iterator[bool]:
     are zero) and the exact engine's rank-1 replay sees the effective weights.
 
     Yields whether the model is mask-free inside (``False`` when a mask cannot be folded: a non-LoRA adapter).
+    Under FSDP1 enter it inside ``FullyShardedDataParallel.summon_full_params`` (``writeback=False`` is enough:
+    the weights are restored before the context ends).
     """
     masks = get_masks(model)
     if not masks:
         yield True
         return
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     saved = [(p, p.detach().clone()) for name in masks for p in modules[name].parameters()]
     sites = Sites(
         [

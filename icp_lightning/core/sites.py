@@ -5,6 +5,11 @@ attention head). The weights ``theta_{l+1,:,i}`` that read it are what pruning l
 PEFT-style (``target_modules`` / ``exclude_modules``), with per-``model_type`` defaults: the FFN
 down-projection and the attention output projection of every layer.
 
+Names are the module names of the *unwrapped* model: the segments that FSDP1 (``FullyShardedDataParallel``,
+``_fsdp_wrapped_module``) and activation checkpointing (``CheckpointWrapper``, ``_checkpoint_wrapped_module``) add
+are dropped (:func:`module_name`, as FSDP's own state dicts do), so sites, scores and masks are named the same
+whether or not the model is wrapped.
+
 Example:
     >>> import transformers
     >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
@@ -73,11 +78,55 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def in_features_of(module: nn.Module) -> int:
-    """Number of input columns of a linear-like module."""
+    """Number of input columns of a linear-like module.
+
+    Read from the weight's shape; a weight that is not 2-D (FSDP1 with ``use_orig_params=True`` outside
+    ``summon_full_params``: a flat view of this rank's shard, possibly empty) falls back to the layer's
+    ``in_features`` (``nn.Linear``) or ``nx`` (GPT-2 ``Conv1D``).
+    """
     base = _base_layer(module)
     weight = base.weight
     assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[0] if is_transposed(base) else weight.shape[1])
+    if weight.ndim == 2:
+        return int(weight.shape[0] if is_transposed(base) else weight.shape[1])
+    n_in = getattr(base, "nx" if is_transposed(base) else "in_features", None)
+    if isinstance(n_in, int) and not isinstance(n_in, bool):
+        return n_in
+    raise ValueError(
+        f"cannot tell the input columns of {type(base).__name__}: its weight has shape {list(weight.shape)} (a "
+        "flattened FSDP1 shard?) and it has no in_features attribute; read it inside "
+        "FullyShardedDataParallel.summon_full_params(model)"
+    )
+
+
+#: Module-name segments that wrappers insert: FSDP1 (``FullyShardedDataParallel``) and activation checkpointing.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def module_name(name: str) -> str:
+    """``name`` without the segments that FSDP1 and activation-checkpoint wrappers insert.
+
+    Example:
+        >>> module_name("bert.encoder.layer.0._fsdp_wrapped_module._checkpoint_wrapped_module.output.dense")
+        'bert.encoder.layer.0.output.dense'
+        >>> module_name("_fsdp_wrapped_module")
+        ''
+    """
+    if not any(seg in name for seg in WRAPPER_SEGMENTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module_name(name): module}`` over ``model.named_modules()``, in model order.
+
+    A wrapper and the module it wraps share a name; the wrapped (innermost) module wins, so the result is what
+    ``dict(model.named_modules())`` gives for the unwrapped model.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        out[module_name(name)] = module
+    return out
 
 
 def _is_target_candidate(module: nn.Module) -> bool:
@@ -111,7 +160,8 @@ class Site:
     """One target linear layer whose input columns are features.
 
     Attributes:
-        name: the module's full name, as in ``model.named_modules()``.
+        name: the module's full name, as in ``model.named_modules()`` (without FSDP1 / checkpoint wrapper
+            segments: :func:`module_name`).
         module: the module itself.
         n_features: how many features (neurons, or heads).
         group_size: input columns per feature (1 for neurons, ``head_dim`` for heads).
@@ -217,9 +267,11 @@ class Sites(Mapping[str, Site]):
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Names of every linear-like module (what ``target_modules`` can match)."""
+    """Names of every linear-like module (what ``target_modules`` can match), wrapper segments dropped."""
     return [
-        n for n, m in model.named_modules() if n and _is_target_candidate(m) and not _is_inside_adapter(n)
+        n
+        for n, m in named_modules(model).items()
+        if n and _is_target_candidate(m) and not _is_inside_adapter(n)
     ]
 
 
@@ -272,7 +324,7 @@ def find_sites(
 
     config = getattr(model, "config", None)
     n_heads = _n_heads(config) if config is not None else None
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     sites: list[Site] = []
     for name in available:
         if not _matches(name, target_modules):

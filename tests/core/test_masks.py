@@ -26,12 +26,14 @@ from icp_lightning.core.masks import (
     load_masks_state,
     load_slimmed,
     make_permanent,
+    masks_folded,
     remove_masks,
     save_slimmed,
     slim,
 )
 from icp_lightning.core.sites import find_sites
 from tests.conftest import tiny_batch, tiny_model
+from tests.core.test_sites import wrap_layers
 
 torch.set_num_threads(1)
 
@@ -371,6 +373,48 @@ def test_make_permanent_keeps_outputs_and_removes_everything(arch):
         w = site.module.weight.detach()
         w = w.t() if site.transposed else w
         assert w[:, values[name] == 0].abs().sum() == 0
+
+
+def test_wrapped_model_masks_are_named_as_unwrapped_and_fold():
+    """FSDP1 / checkpoint wrapper segments: get_masks, masks_folded and load_masks_state use unwrapped names."""
+    plain, model = tiny_model("bert"), wrap_layers(tiny_model("bert"))
+    batch = tiny_batch("bert")
+    sites = find_sites(model)
+    values = _random_values(sites, seed=8)
+    apply_masks(model, sites, values)
+    apply_masks(plain, find_sites(plain), values)
+    assert list(get_masks(model)) == sites.names
+    out = _logits(model, "bert", batch)
+    torch.testing.assert_close(out, _logits(plain, "bert", batch), atol=0, rtol=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with masks_folded(model) as folded:
+        assert folded and get_masks(model) == {}
+        torch.testing.assert_close(_logits(model, "bert", batch), out, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
+    assert list(get_masks(model)) == sites.names
+    fresh = wrap_layers(tiny_model("bert", seed=1))
+    # Unwrapped keys, as FSDP1's own state dicts write them; the stand-in wrapper lacks FSDP's hooks that rename
+    # keys for load_state_dict, so only the masks (installed by load_masks_state itself) are checked here.
+    load_masks_state(fresh, plain.state_dict(), strict=False)
+    loaded = get_masks(fresh)
+    assert list(loaded) == sites.names
+    assert all(torch.equal(loaded[n], values[n]) for n in sites)
+
+
+def test_make_permanent_refuses_flattened_weights_and_changes_nothing():
+    """FSDP1 outside summon_full_params: weights are flat shards; folding must wait for the full parameters."""
+    model = tiny_model("bert")
+    sites = find_sites(model)
+    apply_masks(model, sites, _random_values(sites))
+    last = sites[sites.names[-1]].module
+    last.weight = torch.nn.Parameter(last.weight.detach().reshape(-1).clone())  # a flat (sharded) view
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"FSDP1.*summon_full_params\(model, writeback=True\)"):
+        make_permanent(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert list(get_masks(model)) == sites.names
+    with pytest.raises(ValueError, match="flat shard"):
+        effective_weight(last)
 
 
 # --------------------------------------------------------------------------------------------- state dicts

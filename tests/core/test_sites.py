@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 import transformers
+from transformers.pytorch_utils import Conv1D
 
 from icp_lightning import find_sites
-from icp_lightning.core.sites import Sites
+from icp_lightning.core.sites import Sites, in_features_of, module_name
 from tests.conftest import tiny_model
 
 # (arch, granularity, expected site names for layer 0, features of each)
@@ -139,3 +140,71 @@ def test_head_grouping_matches_config():
     site = sites.names[0]
     assert sites[site].n_features == 3 and sites[site].group_size == 8
     assert sites[site].column_mask([1]).nonzero().reshape(-1).tolist() == list(range(8, 16))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wrapped models: FSDP1 / activation-checkpoint segments are dropped from names
+
+WRAPPED_NAMES = [
+    ("bert.encoder.layer.0.output.dense", "bert.encoder.layer.0.output.dense"),
+    ("bert.encoder.layer.0._fsdp_wrapped_module.output.dense", "bert.encoder.layer.0.output.dense"),
+    ("_fsdp_wrapped_module.model.bert.encoder.layer.1._fsdp_wrapped_module._checkpoint_wrapped_module.output.dense",
+     "model.bert.encoder.layer.1.output.dense"),
+    ("_fsdp_wrapped_module", ""),
+    ("layer.0.my_fsdp_wrapped_module_x.dense", "layer.0.my_fsdp_wrapped_module_x.dense"),  # whole segments only
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "clean"), WRAPPED_NAMES)
+def test_module_name_drops_wrapper_segments(raw, clean):
+    assert module_name(raw) == clean
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for an FSDP1 / CheckpointWrapper: holds the module under ``attr`` and forwards to it (the real
+    ones need a process group; ``tests/callbacks/test_distributed.py`` runs real FSDP1)."""
+
+    def __init__(self, module: torch.nn.Module, attr: str) -> None:
+        super().__init__()
+        self.attr = attr
+        self.add_module(attr, module)
+
+    def forward(self, *args, **kwargs):
+        return getattr(self, self.attr)(*args, **kwargs)
+
+
+def wrap_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap every BERT layer as FSDP1 + activation checkpointing would (``_fsdp_wrapped_module`` then
+    ``_checkpoint_wrapped_module`` segments)."""
+    layers = model.bert.encoder.layer
+    for i, layer in enumerate(layers):
+        layers[i] = _Wrapper(_Wrapper(layer, "_checkpoint_wrapped_module"), "_fsdp_wrapped_module")
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "head"])
+def test_sites_of_a_wrapped_model_are_named_as_unwrapped(granularity):
+    plain = find_sites(tiny_model("bert"), granularity=granularity)
+    model = wrap_layers(tiny_model("bert"))
+    sites = find_sites(model, granularity=granularity)
+    assert sites.names == plain.names
+    raw = {id(m): n for n, m in model.named_modules()}
+    for name, site in sites.items():
+        # the real (inner) Linear, found through the wrappers
+        assert "_wrapped_module" in raw[id(site.module)]
+        assert (site.n_features, site.group_size) == (plain[name].n_features, plain[name].group_size)
+    assert sites.names == find_sites(model, target_modules=plain.names).names  # a list of names matches too
+
+
+def test_in_features_of_a_flattened_weight_reads_the_layer():
+    """FSDP1 (use_orig_params) outside summon_full_params: the weight is a flat view of the rank's shard."""
+    linear = torch.nn.Linear(6, 4)
+    linear.weight = torch.nn.Parameter(torch.zeros(0))  # this rank holds none of it
+    assert in_features_of(linear) == 6
+    conv = Conv1D(4, 6)  # nf=4 outputs, nx=6 inputs
+    conv.weight = torch.nn.Parameter(torch.zeros(12))
+    assert in_features_of(conv) == 6
+    odd = torch.nn.Module()
+    odd.weight = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"summon_full_params"):
+        in_features_of(odd)
