@@ -7,7 +7,7 @@ causal effect of each intervention on each feature of each site, for each metric
 processes, reduces the results, logs them and tells its listeners (the
 :class:`~icp_lightning.callbacks.pruning.CausalPruningCallback`) and the LightningModule (``set_scores``).
 
-Processes (DDP, FSDP2): batch ``i`` of each attribution data set goes to the data-parallel rank
+Processes (DDP, FSDP1, FSDP2): batch ``i`` of each attribution data set goes to the data-parallel rank
 ``i % world_size``; each rank computes the effects of its batches, then the float64 ``sums`` and ``counts`` of
 the effects are all-reduced (``trainer.strategy.reduce(..., reduce_op="sum")``), so every rank holds the
 same effects, equal to a single-process run over the same batches (up to float64 summation order), and
@@ -19,10 +19,23 @@ Masks already on the model (an earlier pruning round) are folded into the weight
 (the weights are restored bit for bit afterwards): the engine then sees the model that the forward really
 computes, keeps its fast suffix replay, and a pruned feature has an effect of exactly zero.
 
-Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) the parameters are gathered once before the
-attribution and kept unsharded until it ends (``FSDPModule.unshard`` with ``reshard_after_forward`` off), so
+Sharded models: the parameters are gathered once before the attribution and kept unsharded until it ends, so
 the ranks, which do different numbers of forwards, never wait on each other's collectives; this needs the
-memory of the full model on every rank for the duration. FSDP1 (``FSDPStrategy``) is not supported.
+memory of the full model on every rank for the duration.
+
+* FSDP2 (``ModelParallelStrategy`` with ``fully_shard``): ``FSDPModule.unshard`` with ``reshard_after_forward``
+  off.
+* FSDP1 (``FSDPStrategy``, ``FullyShardedDataParallel`` with ``use_orig_params=True``, Lightning's default):
+  ``FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)``, and, while inside,
+  every FSDP wrapper in the Hugging Face model is taken out of the module tree (its parent holds the wrapped
+  module), so the engine runs the original modules on their full parameters; a wrapper's own forward would
+  reshard them after each forward and all-gather them again, a collective. Site names drop the
+  ``_fsdp_wrapped_module`` (and ``_checkpoint_wrapped_module``) segments, so sites, scores and masks are named
+  as without FSDP. The pruning callback folds masks (``make_permanent``) inside ``summon_full_params(...,
+  writeback=True)``. Tested with Lightning's ``FSDPStrategy`` on two CPU processes (gloo; a subclass gets past
+  Lightning's CUDA check and gives torch ``device_id=cpu``), with the strategy's auto-wrap policy and with
+  wrapping in ``configure_model``, exact and gradient methods: effects, scores and masks equal a one-process run
+  of the unwrapped model (``tests/callbacks/test_distributed.py``). Not yet run on GPUs (CUDA, NCCL).
 
 Example:
     >>> cb = CausalAttributionCallback(interventions=("mask", "scale"), dataset_weights={"id": 1.0, "ood": -1.0})
@@ -41,7 +54,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,12 +81,6 @@ __all__ = ["AttributionListener", "CausalAttributionCallback"]
 AttributionListener = Callable[["pl.Trainer", "pl.LightningModule", "CausalAttributionCallback"], None]
 
 _ON = ("validation_epoch_end", "train_epoch_end")
-_FSDP1_MESSAGE = (
-    "the ICP callbacks do not support FSDPStrategy (FSDP1): the Hugging Face model's parameters are flattened "
-    "and sharded, and only a forward through the FSDP root wrapper gathers them, so the attribution engine "
-    "cannot run the inner model or read site weights. Use ModelParallelStrategy with fully_shard (FSDP2) in "
-    "configure_model, or DDP"
-)
 _GRANULARITIES = ("neuron", "head")
 _REDUCTIONS = ("signed", "abs")
 
@@ -354,21 +361,17 @@ class CausalAttributionCallback(Callback):
 
     def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
         model = self.model_of(pl_module)
-        _check_not_fsdp1(pl_module)
         self.sites = find_sites(model, self.target_modules, self.exclude_modules, self.granularity)
         return self.sites
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(trainer.strategy, FSDPStrategy):
-            raise ValueError(_FSDP1_MESSAGE)
         self._resolve_sites(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # configure_model (FSDP2 fully_shard, PEFT wrapping) runs after setup: find the sites again.
+        # configure_model (FSDP2 fully_shard, PEFT wrapping) and FSDP1 wrapping run after setup: find the sites
+        # again (same names: wrapper segments are dropped; in_features_of reads flat FSDP1 weights' sizes).
         self._resolve_sites(pl_module)
         kwargs = _sampler_kwargs(trainer)
         if kwargs:
@@ -511,7 +514,7 @@ class CausalAttributionCallback(Callback):
             start = time.perf_counter()
             effects: dict[tuple[str, str, str], Effects] = {}
             local = {name: self._shard(trainer, loader) for name, loader in datasets.items()}
-            with _attribution_context(model) as replay:
+            with _attribution_context(model, sharding_root(trainer, pl_module)) as replay:
                 for ds_name, batches in local.items():
                     means = (
                         _global_site_means(trainer, model, sites, batches)
@@ -642,7 +645,8 @@ def _set_names(owner: Any, n: int) -> list[str] | None:
 
 def hf_model_of(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
     """The Hugging Face model inside a LightningModule: the dotted ``model_attr``, else ``pl_module.model`` if that
-    is a module, else the LightningModule itself. Shared by the ICP callbacks.
+    is a module, else the LightningModule itself; an FSDP1 wrapper found there is replaced by the module it wraps.
+    Shared by the ICP callbacks.
 
     Raises:
         ValueError: ``model_attr`` names no attribute, or not an ``nn.Module``.
@@ -659,18 +663,82 @@ def hf_model_of(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modul
             obj = getattr(obj, part)
         if not isinstance(obj, nn.Module):
             raise ValueError(f"model_attr={model_attr!r} is a {type(obj).__name__}, not an nn.Module")
-        return obj
+        return _unwrap_fsdp1(obj)
     inner = getattr(pl_module, "model", None)
-    return inner if isinstance(inner, nn.Module) else pl_module
+    return _unwrap_fsdp1(inner if isinstance(inner, nn.Module) else pl_module)
 
 
-def _check_not_fsdp1(pl_module: nn.Module) -> None:
+def sharding_root(trainer: pl.Trainer, pl_module: nn.Module) -> nn.Module:
+    """The outermost module of the run: ``trainer.strategy.model`` (e.g. the FSDP1 root wrapper around the
+    LightningModule, which owns the parameters of no nested FSDP unit), else ``pl_module``."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def _fsdp1_class() -> type[nn.Module] | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except Exception:  # pragma: no cover - torch without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def _unwrap_fsdp1(module: nn.Module) -> nn.Module:
+    """The module an FSDP1 wrapper holds (``.module``: also past an activation-checkpoint wrapper), else itself."""
+    fsdp = _fsdp1_class()
+    while fsdp is not None and isinstance(module, fsdp):
+        wrapper: Any = module
+        module = wrapper.module
+    return module
+
+
+def _has_fsdp1(root: nn.Module) -> bool:
+    fsdp = _fsdp1_class()
+    return fsdp is not None and any(isinstance(m, fsdp) for m in root.modules())
+
+
+@contextmanager
+def fsdp1_full_params(root: nn.Module, writeback: bool) -> Iterator[bool]:
+    """FSDP1: every parameter under ``root`` unsharded (``summon_full_params(root, recurse=True)``) while inside.
+
+    With ``use_orig_params=True`` the original parameters then hold their full values (views of the unsharded
+    flat parameters); ``writeback=True`` copies in-place changes back into each rank's shard on exit. A
+    collective: every rank must enter it. Yields whether ``root`` has FSDP1 modules (without any, it does
+    nothing).
+    """
+    if not _has_fsdp1(root):
+        yield False
         return
-    if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
-        raise ValueError(_FSDP1_MESSAGE)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(root, recurse=True, writeback=writeback):
+        yield True
+
+
+@contextmanager
+def _fsdp1_unwrapped(model: nn.Module) -> Iterator[None]:
+    """Take every FSDP1 wrapper inside ``model`` out of the module tree while inside (its parent holds the wrapped
+    module instead); put them back on exit, even when the body raises.
+
+    Use inside :func:`fsdp1_full_params`: the wrapped modules then compute on the full parameters, and no
+    wrapper forward runs (it would reshard after the forward, and all-gather at the next one: a collective that
+    ranks doing different numbers of forwards would not all join). Module names are those of the unwrapped
+    model, as the engine's patches (replay, readout) expect.
+    """
+    fsdp = _fsdp1_class()
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    if fsdp is not None:
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if child is not None and isinstance(child, fsdp):
+                    swaps.append((parent, name, child))
+    try:
+        for parent, name, child in swaps:
+            parent._modules[name] = child._fsdp_wrapped_module  # type: ignore[assignment]
+        yield
+    finally:
+        for parent, name, child in reversed(swaps):
+            parent._modules[name] = child
 
 
 def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
@@ -724,12 +792,23 @@ def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def _attribution_context(model: nn.Module) -> Iterator[Literal["auto", "never"]]:
-    """FSDP2: reshard (so folding touches the real shards), fold masks, gather once. Yields the engine's ``replay``."""
+def _attribution_context(
+    model: nn.Module, root: nn.Module | None = None
+) -> Iterator[Literal["auto", "never"]]:
+    """Fold masks and gather sharded parameters once; yields the engine's ``replay``.
+
+    FSDP1 (any ``FullyShardedDataParallel`` under ``root``, default ``model``): full parameters without
+    writeback, wrappers out of ``model``'s tree, then fold (into the full parameters; restored before the
+    gather ends). FSDP2: reshard (so folding touches the real shards), fold, gather once.
+    """
     fsdp = _fsdp2_modules(model)
     for module in fsdp:
         module.reshard()  # type: ignore[operator]
-    with masks_folded(model) as folded, _fsdp2_gathered(fsdp):
+    with ExitStack() as stack:
+        if stack.enter_context(fsdp1_full_params(model if root is None else root, writeback=False)):
+            stack.enter_context(_fsdp1_unwrapped(model))
+        folded = stack.enter_context(masks_folded(model))
+        stack.enter_context(_fsdp2_gathered(fsdp))
         # A mask hook on a site disables the engine's rank-1 replay; full forwards are then exact for
         # features whose mask is 1 (and pruned features are skipped by the pruning callback).
         yield "auto" if folded else "never"

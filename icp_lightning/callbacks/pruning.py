@@ -22,6 +22,10 @@ masks again in ``on_train_start``, before the first training step. With ``ddp_sp
 the main process is loaded non-strictly by Lightning and has no masks: use ``make_permanent=True`` (or
 ``strategy="ddp"``) if you use the model after ``fit`` in the main process.
 
+Sharded models: masks are input hooks, so they work on FSDP1 flat and FSDP2 DTensor parameters alike;
+``make_permanent`` folds FSDP2 shards in place and FSDP1 weights inside
+``FullyShardedDataParallel.summon_full_params(..., writeback=True)``.
+
 Example:
     >>> cb = CausalPruningCallback(amount=0.1, scope="per_site")
     >>> cb.mode, cb.min_keep
@@ -45,9 +49,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from icp_lightning.callbacks.attribution import CausalAttributionCallback
+from icp_lightning.callbacks.attribution import CausalAttributionCallback, fsdp1_full_params, sharding_root
 from icp_lightning.core.masks import MASK_BUFFER, apply_masks, make_permanent
-from icp_lightning.core.sites import Site, Sites, in_features_of
+from icp_lightning.core.sites import Site, Sites, in_features_of, named_modules
 
 __all__ = ["CausalPruningCallback", "default_factor", "select_masks"]
 
@@ -391,7 +395,9 @@ class CausalPruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.make_permanent and self.masks:
             assert self.attribution is not None
-            make_permanent(self.attribution.model_of(pl_module))
+            # FSDP1: fold into the full parameters and write them back to every rank's shard.
+            with fsdp1_full_params(sharding_root(trainer, pl_module), writeback=True):
+                make_permanent(self.attribution.model_of(pl_module))
             if self.verbose:
                 rank_zero_info("[icp] masks folded into the weights (make_permanent=True)")
 
@@ -405,7 +411,7 @@ class CausalPruningCallback(Callback):
             if not (key.startswith(prefix) and key.endswith(suffix)) or not isinstance(value, Tensor):
                 continue
             name = key[len(prefix) : -len(suffix)]
-            named = named if named is not None else dict(module.named_modules())
+            named = named if named is not None else named_modules(module)
             target = named.get(name)
             if target is None or getattr(target, MASK_BUFFER, None) is not None or value.ndim != 1:
                 continue  # load_state_dict reports what does not fit

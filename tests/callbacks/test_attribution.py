@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -361,12 +362,28 @@ def test_drop_in_around_a_plain_lightning_module(tmp_path):
         assert torch.equal(mask, expected)
 
 
-def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
-    """FSDPStrategy needs a GPU, so only the refusal is testable here (see the module docstring)."""
-    from types import SimpleNamespace
-
+def test_fsdp1_strategy_is_accepted_in_setup():
+    """FSDPStrategy (FSDP1) used to be refused in setup; now the sites resolve as with any strategy. (Real FSDP1
+    runs, with Lightning's FSDPStrategy on two CPU processes: ``test_distributed.py``.)"""
     from lightning.pytorch.strategies import FSDPStrategy
 
     fake = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
-    with pytest.raises(ValueError, match=r"do not support FSDPStrategy \(FSDP1\).*ModelParallelStrategy"):
-        CausalAttributionCallback(**FAST).setup(fake, TinyClassifier(), "fit")
+    cb = CausalAttributionCallback(**FAST)
+    module = TinyClassifier()
+    cb.setup(fake, module, "fit")
+    assert cb.sites is not None and cb.sites.names == find_sites(module.model).names
+
+
+def test_attribution_context_without_fsdp_folds_and_restores():
+    """The context the round runs in, on a plain model with a root given (as the callback passes
+    ``trainer.strategy.model``): no FSDP1 module, so only masks are folded, then restored."""
+    module = TinyClassifier()
+    model = module.model.eval()
+    sites = find_sites(model)
+    apply_masks(model, sites, {n: torch.ones(s.n_features) for n, s in sites.items()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with attribution_module._attribution_context(model, module) as replay:
+        assert replay == "auto" and get_masks(model) == {}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert set(get_masks(model)) == set(sites.names)
+    assert attribution_module.sharding_root(SimpleNamespace(), module) is module

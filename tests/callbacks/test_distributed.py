@@ -1,5 +1,6 @@
-"""Both ICP callbacks in real two-process CPU runs (gloo): DDP and FSDP2 (``ModelParallelStrategy`` +
-``fully_shard``).
+"""Both ICP callbacks in real two-process CPU runs (gloo): DDP, FSDP2 (``ModelParallelStrategy`` +
+``fully_shard``) and FSDP1 (Lightning's ``FSDPStrategy``, made to run on CPU: see ``_cpu_fsdp1_strategy`` in the
+worker).
 
 Each run (``tests/callbacks/_dist_worker.py``, started in a subprocess because Lightning relaunches the script
 for rank 1) fits a tiny BERT for 3 epochs with attribution + pruning after every epoch; the attribution data
@@ -7,7 +8,9 @@ for rank 1) fits a tiny BERT for 3 epochs with attribution + pruning after every
 both ranks hold bit-identical effects, scores and masks; the effects equal a single-process
 ``causal_effects`` over all batches of the very model state the round scored (masks folded), the scores equal
 ``spuriousness`` of those, and the masks equal ``select_masks`` of those scores; at the end, the masks on the
-model equal the callback's and the pruned columns of the effective weights are zero on every rank.
+model equal the callback's and the pruned columns of the effective weights are zero on every rank. The FSDP1 run
+also folds the masks at the end (``make_permanent=True``): then no mask is left and the pruned columns of every
+rank's written-back weights are zero.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _reference_round(out: Path, round_index: int, method: str = "exact"):
     return effects, scores
 
 
-def _check(kind: str, out: Path, ranks: list[dict], method: str = "exact") -> None:
+def _check(kind: str, out: Path, ranks: list[dict], method: str = "exact", folded: bool = False) -> None:
     r0, r1 = ranks
     assert len(r0["rounds"]) == len(r1["rounds"]) == ROUNDS
     previous = None
@@ -114,9 +117,11 @@ def _check(kind: str, out: Path, ranks: list[dict], method: str = "exact") -> No
     pruned = sum(int((m == 0).sum()) for m in previous.values())
     assert pruned == 14 + 12 + 11  # round(0.1 * remaining) per round over 138 features
     for rank in ranks:
-        assert set(rank["model_masks"]) == set(previous)
+        assert rank["site_names"] == list(previous)  # names as without any wrapper
+        assert set(rank["model_masks"]) == (set() if folded else set(previous))
         for name, mask in previous.items():
-            assert torch.equal(rank["model_masks"][name], mask)
+            if not folded:
+                assert torch.equal(rank["model_masks"][name], mask)
             assert rank["pruned_max"][name] == 0.0
 
 
@@ -140,3 +145,20 @@ def test_fsdp2_gradient_method_backward_inside_the_gathered_parameters(tmp_path)
     or the rank with more batches waits forever for the other's all-gather."""
     ranks = _run_worker("fsdp2", tmp_path, "gradient")
     _check("fsdp2-gradient", tmp_path, ranks, "gradient")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "method"), [("fsdp1", "exact"), ("fsdp1", "gradient"), ("fsdp1-configure_model", "exact")]
+)
+def test_fsdp1_strategy_two_processes_match_each_other_and_one_process(tmp_path, kind, method):
+    """Lightning's FSDPStrategy (FSDP1, ``use_orig_params=True``) on CPU, in its two layouts: ``fsdp1``, the
+    strategy's auto-wrap policy (the LightningModule in a root wrapper, each BertLayer in its own unit);
+    ``fsdp1-configure_model``, the module wraps each layer and then the HF model itself (``pl_module.model`` is a
+    wrapper). The ranks do different numbers of forwards (and backwards, for the gradient method) inside
+    ``summon_full_params``: a wrapper forward there would all-gather and hang."""
+    ranks = _run_worker(kind, tmp_path, method)
+    assert ranks[0]["strategy"] == "CPUFSDPStrategy"
+    # 2 encoder layers + the root (the LightningModule's or the HF model's)
+    assert ranks[0]["fsdp1_wrappers"] == 3
+    _check(f"{kind}-{method}", tmp_path, ranks, method, folded=True)
