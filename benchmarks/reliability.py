@@ -796,6 +796,13 @@ def _plots(out: Path, report: dict[str, Any]) -> list[str]:
     return made
 
 
+def _write_part(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically (another process may be combining the parts at the same moment)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
 def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     parts = out / "parts"
     report: dict[str, Any] = {"settings": {}, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -906,8 +913,8 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             res = run_seed(setting, seed, args)
-            part.write_text(json.dumps({"setting": setting, "seed": seed, "args": saved,
-                                        "seconds": time.perf_counter() - t0, **res}, indent=1))  # fmt: skip
+            _write_part(part, {"setting": setting, "seed": seed, "args": saved,
+                               "seconds": time.perf_counter() - t0, **res})  # fmt: skip
         want_abl = args.ablations in ("yes", "only") or (
             args.ablations == "auto" and not args.quick and "A" in args.settings
         )
@@ -915,7 +922,7 @@ def main() -> None:
         if want_abl and (args.force or not part.exists()):
             t0 = time.perf_counter()
             res = run_ablations(args)
-            part.write_text(json.dumps({"args": saved, "seconds": time.perf_counter() - t0, **res}, indent=1))
+            _write_part(part, {"args": saved, "seconds": time.perf_counter() - t0, **res})
     combine(out, args)
     print((out / "reliability.md").read_text())
 
