@@ -757,16 +757,17 @@ def _plots(out: Path, report: dict[str, Any]) -> list[str]:
             continue
         s = report["settings"][setting]["summary"]
         names = [m for m in s if key in s[m]]
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(names) + 1.4))
+        colors = ["C3" if "ICP" in m else "C7" if m.startswith(("ERM", "oracle")) else "C0" for m in names]
         ax.barh(
-            range(len(names)), [s[m][key][0] for m in names], xerr=[s[m][key][1] for m in names], color="C0"
+            range(len(names)), [s[m][key][0] for m in names], xerr=[s[m][key][1] for m in names], color=colors
         )
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(f"{label} (mean ± std over seeds)")
-        ax.set_title(TITLES[setting], fontsize=8)
+        ax.set_title(TITLES[setting] + "\nred: ICP; grey: ERM and oracle; blue: baselines", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"reliability_{setting}.png", dpi=110)
+        fig.savefig(out / f"reliability_{setting}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         made.append(f"reliability_{setting}.png")
     abl = report.get("ablations")
@@ -781,7 +782,7 @@ def _plots(out: Path, report: dict[str, Any]) -> list[str]:
         fig.savefig(out / "layers_A.png", dpi=110)
         plt.close(fig)
         r = abl["results"]
-        ks = sorted(int(m.split()[4]) for m in r if m.startswith("k sweep") and m.endswith("+ refit"))
+        ks = sorted(int(m.split()[3]) for m in r if m.startswith("k sweep") and m.endswith("+ refit"))
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for suffix, name in ((" heads + refit", "prune + head refit"), (" heads", "prune only")):
             ax.plot(ks, [100 * r[f"k sweep: prune {k}{suffix}"]["ood/acc"] for k in ks], "o-", label=name)
