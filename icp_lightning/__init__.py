@@ -36,6 +36,7 @@ from icp_lightning.core.masks import (
 from icp_lightning.core.reweight import refit_head
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import Site, Sites, find_sites
+from icp_lightning.core.tokens import discover_tokens, mask_input_tokens
 
 _LAZY = {
     "CausalAttributionCallback": "icp_lightning.callbacks",
@@ -90,6 +91,8 @@ __all__ = [
     "make_permanent",
     "plant_shortcut",
     "refit_head",
+    "discover_tokens",
+    "mask_input_tokens",
     "register_counterfactual",
     "remove_masks",
     "save_slimmed",
