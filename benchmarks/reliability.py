@@ -58,6 +58,9 @@ MALE = ["james", "john", "robert", "michael", "david", "william", "thomas", "dan
 FEMALE = ["mary", "patricia", "jennifer", "linda", "elizabeth", "susan", "jessica", "sarah"]
 #: The ICP configuration fixed in advance as "ICP (best)" for the targets (not picked on test results).
 ICP_MAIN = "ICP prune top {k} heads + head refit"
+#: ICP's input-level variants (added after the first runs of this benchmark showed that pruning heads leaves the
+#: shortcut in place; reported against the targets beside ICP_MAIN, not instead of it).
+INVERSE = "ICP inverse: discovered tokens masked at the input, {what}"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 HELDOUT = 256
 
@@ -426,6 +429,35 @@ def token_edit_epoch(model: torch.nn.Module, bench: Bench, scores: Any, args: ar
     train(model, bench.train, epochs, args.lr, loss)
 
 
+def inverse_methods(run: Runner, bench: Bench, scores: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ICP's input-level step, told nothing: map the top-scored heads back to tokens over the ``id`` attribution
+    set (:func:`discover_tokens` over :class:`TokenEditCounterfactual` edits), then prune the discovered tokens at
+    the input (:func:`mask_input_tokens`: the model reads them as [MASK]), alone, with the head refit, or with
+    one epoch of plain CE. Returns the most edited tokens, for the report."""
+    from icp_lightning import TokenEditCounterfactual, discover_tokens, find_sites, mask_input_tokens
+
+    tok = bench.tokenizer
+    erm = run.erm
+    m_sites = find_sites(erm, granularity="head")
+    cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=8, replace_id=tok.mask_token_id,
+                                 special_token_ids=tok.all_special_ids)  # fmt: skip
+    t0 = time.perf_counter()
+    batches = [inputs_of(b) | {"labels": b["labels"]} for b in bench.attribution["id"]]
+    found = discover_tokens(erm, batches, scores, m_sites, cf, special_token_ids=tok.all_special_ids)
+    run.costs["token discovery (inverse over 256 id sentences)"] = time.perf_counter() - t0
+    ids = [d.token_id for d in found if d.discovered]
+    mask_id = tok.mask_token_id
+    print(bench.setting, run.seed, "discovered", tok.convert_ids_to_tokens(ids), flush=True)
+    run.cont(INVERSE.format(what="alone"), lambda m: mask_input_tokens(m, ids, mask_id))
+    run.cont(
+        INVERSE.format(what="+ head refit"), lambda m: (mask_input_tokens(m, ids, mask_id), refit(m, bench))
+    )
+    run.cont(INVERSE.format(what="+ 1 epoch CE"),
+             lambda m: (mask_input_tokens(m, ids, mask_id), train(m, bench.train, 1, args.lr)))  # fmt: skip
+    return [{"token": tok.convert_ids_to_tokens(d.token_id), "edited": d.edited, "present": d.present,
+             "total": d.total, "discovered": d.discovered} for d in found[:20]]  # fmt: skip
+
+
 def jtt_loss(erm: torch.nn.Module) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
     """JTT: ERM's training errors weigh 20x (one epoch)."""
 
@@ -466,7 +498,9 @@ class Runner:
         return model
 
 
-def run_seed(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_seed(setting: str, seed: int, args: argparse.Namespace, only: str | None = None) -> dict[str, Any]:
+    """Every method of ``setting`` on one seed; ``only="inverse"``: ERM (retrained: it is deterministic, and the
+    report checks it against the main part's) and the inverse methods, for parts that predate them."""
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, verbose=False)
@@ -476,6 +510,11 @@ def run_seed(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any
     t_erm = train(erm, bench.train, args.erm_epochs, args.lr)
     run = Runner(bench, seed, erm)
     run.record("ERM", erm, t_erm)
+    if only == "inverse":
+        _, scores, t_attr = icp_scores(erm, bench)
+        run.costs["attribution (72 heads, gradient, id + heldout)"] = t_attr
+        found = inverse_methods(run, bench, scores, args)
+        return {"results": run.results, "costs": run.costs, "discovered": found}
     if bench.oracle_train is not None:
         pl.seed_everything(seed, verbose=False)
         oracle = load_model()
@@ -516,7 +555,8 @@ def run_seed(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any
             refit(m, bench)
 
         run.cont(f"ICP prune {k} + token-edit counterfactual KL epoch + head refit", token_edit)
-    return {"results": run.results, "costs": run.costs}
+    found = inverse_methods(run, bench, scores, args) if setting != "B" else []
+    return {"results": run.results, "costs": run.costs, "discovered": found}
 
 
 def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
@@ -574,8 +614,19 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     run.cont(f"prune {k} + token-edit KL with tau_c = top 24 features + refit",
              lambda m: (prune(m, sites, grad_scores, k), token_edit_epoch(m, bench, grad_scores, args, top_k=24),
                         refit(m, bench)))  # fmt: skip
+    # Diagnosis (told): is the token's own input the carrier? Read it as [MASK] and refit the head.
+    from icp_lightning import mask_input_tokens
+
+    told_id = bench.tokenizer.convert_tokens_to_ids(TOKEN)
+    run.cont(f"diagnosis, told: `{TOKEN}` masked at the input + head refit",
+             lambda m: (mask_input_tokens(m, [told_id], bench.tokenizer.mask_token_id), refit(m, bench)))  # fmt: skip
     layers = {"heads": _per_layer(sites, grad_scores, k), "ffn": _per_layer(ffn_sub, ffn_scores, n_ffn)}
-    return {"results": run.results, "costs": run.costs, "tau": tau, "layers": layers}
+    return {
+        "results": run.results,
+        "costs": run.costs,
+        "tau": tau,
+        "layers": layers,
+    }
 
 
 def _per_layer(sites: Any, scores: Any, k: int) -> dict[str, int]:
@@ -643,9 +694,8 @@ def _mean(summary: dict[str, dict[str, list[float]]], m: str, key: str) -> float
     return summary[m][key][0]
 
 
-def targets(setting: str, s: dict[str, dict[str, list[float]]], k: int) -> list[str]:
-    """The issue's targets for ``setting``, checked on the means (the ICP configuration fixed in advance)."""
-    icp = ICP_MAIN.format(k=k)
+def targets(setting: str, s: dict[str, dict[str, list[float]]], icp: str) -> list[str]:
+    """The issue's targets for ``setting``, checked on the means, for the ICP configuration ``icp``."""
     if "ERM" not in s or icp not in s:
         return []
     erm = s["ERM"]
@@ -673,7 +723,7 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], k: int) -> list[
             )
         )
         for m in s:
-            if m.startswith(("random", "magnitude", "DFR", "JTT")):
+            if m.startswith(("random", "magnitude", "DFR", "JTT", "counterfactual KL")):
                 out.append(
                     line(
                         get(icp, "ood/acc") >= get(m, "ood/acc"),
@@ -809,18 +859,31 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"settings": {}, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
                               "torch": torch.__version__}  # fmt: skip
     for setting in "ABC":
-        files = sorted(parts.glob(f"{setting}_seed*.json"))
+        files = sorted(f for f in parts.glob(f"{setting}_seed*.json") if not f.stem.endswith("_inverse"))
         if not files:
             continue
         runs = [json.loads(f.read_text()) for f in files]
+        erm_check = []
+        for (
+            r
+        ) in runs:  # merge the inverse-only parts: their ERM must be the main part's (deterministic training)
+            extra = parts / f"{setting}_seed{r['seed']}_inverse.json"
+            if extra.exists():
+                e = json.loads(extra.read_text())
+                erm_check.append(
+                    max(abs(e["results"]["ERM"][k] - r["results"]["ERM"][k]) for k in r["results"]["ERM"])
+                )
+                r["results"].update({m: v for m, v in e["results"].items() if m != "ERM"})
+                r["costs"].update({m: v for m, v in e["costs"].items() if m not in r["costs"]})
+                r["discovered"] = e.get("discovered", [])
         seeds = [r["seed"] for r in runs]
         summary = summarise([r["results"] for r in runs])
         costs: dict[str, list[float]] = {}
         for r in runs:
             for name, sec in r["costs"].items():
                 costs.setdefault(name, []).append(sec)
-        report["settings"][setting] = {"seeds": seeds, "summary": summary, "costs": costs,
-                                       "per_seed": runs, "args": runs[0]["args"]}  # fmt: skip
+        report["settings"][setting] = {"seeds": seeds, "summary": summary, "costs": costs, "per_seed": runs,
+                                       "args": runs[0]["args"], "erm_rerun_max_diff": erm_check}  # fmt: skip
     abl = parts / "A_ablations_seed0.json"
     if abl.exists():
         report["ablations"] = json.loads(abl.read_text())
@@ -833,8 +896,10 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
              "Every number below comes from `python -m benchmarks.reliability` (the parts listed per setting; "
              "`--combine` rebuilds this file from `benchmarks/results/parts/`). Mean ± std over the seeds shown; "
              f"machine: {report['machine']}, torch {report['torch']}. "
-             f"\"ICP (best)\" for the targets is `{ICP_MAIN.format(k=args.prune_k)}`, fixed in advance; ICP is told "
-             "nothing about the token or the names and uses only the held-out split DFR uses.", ""]  # fmt: skip
+             f"The targets are checked for `{ICP_MAIN.format(k=args.prune_k)}` (fixed before any run) and for the "
+             "input-level `ICP inverse` variants (added after the first seed of A showed head pruning leaves the "
+             "shortcut in place). ICP is told nothing about the token or the names and uses only the held-out "
+             "split DFR uses.", ""]  # fmt: skip
     for setting in "ABC":
         if setting not in report["settings"]:
             continue
@@ -844,7 +909,25 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                   f"Seeds {rep['seeds']}; {a['train']} training sentences, {a['eval']} per evaluation set, "
                   f"{a['erm_epochs']} ERM epochs, held-out split {HELDOUT}.", ""]  # fmt: skip
         lines += _table(setting, rep["summary"], rep["costs"])
-        lines += ["", "Targets (on the means):", *targets(setting, rep["summary"], a["prune_k"]), ""]
+        lines.append("")
+        for name in [ICP_MAIN.format(k=a["prune_k"])] + [
+            m for m in rep["summary"] if m.startswith("ICP inverse")
+        ]:
+            checks = targets(setting, rep["summary"], name)
+            if checks:
+                lines += [f"Targets for `{name}` (on the means):", *checks, ""]
+        found = [
+            (r["seed"], [d["token"] for d in r.get("discovered", []) if d["discovered"]])
+            for r in rep["per_seed"]
+        ]
+        if any(toks for _, toks in found):
+            lines += ["Tokens the inverse discovered (told nothing), per seed: "
+                      + "; ".join(f"seed {sd}: {', '.join(f'`{t}`' for t in toks) or 'none'}" for sd, toks in found),
+                      ""]  # fmt: skip
+        if rep["erm_rerun_max_diff"]:
+            lines += [f"The inverse methods of {len(rep['erm_rerun_max_diff'])} seed(s) ran in a second process that "
+                      "retrained ERM; its metrics differ from the first ERM's by at most "
+                      f"{max(rep['erm_rerun_max_diff']):.2g}.", ""]  # fmt: skip
         attr = [v for n, v in rep["costs"].items() if n.startswith("attribution")]
         if attr:
             lines += [f"Attribution time per round: {statistics.mean(attr[0]):.1f} s (72 heads, gradient, "
@@ -890,6 +973,9 @@ def main() -> None:
     parser.add_argument("--ffn-k", type=int, default=1024, help="FFN neurons pruned in the sites ablation")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--force", action="store_true", help="rerun parts that exist")
+    parser.add_argument("--only", choices=["inverse"], default=None,
+                        help="ERM and the inverse methods only, into <setting>_seed<n>_inverse.json (for main parts "
+                        "that predate them; --combine merges them)")  # fmt: skip
     parser.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
@@ -902,18 +988,20 @@ def main() -> None:
         args.settings, args.seeds = ["A"], [0]
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    saved = {k: v for k, v in vars(args).items() if k not in ("force", "combine", "out")}
+    saved = {k: v for k, v in vars(args).items() if k not in ("force", "combine", "out", "only")}
     if not args.combine:
         jobs: list[tuple[str, int]] = (
             [] if args.ablations == "only" else [(s, i) for s in args.settings for i in args.seeds]
         )
         for setting, seed in jobs:
-            part = out / "parts" / f"{setting}_seed{seed}.json"
+            part = (
+                out / "parts" / (f"{setting}_seed{seed}" + (f"_{args.only}" if args.only else "") + ".json")
+            )
             if part.exists() and not args.force:
                 print(f"{part} exists; skipping (--force reruns it)")
                 continue
             t0 = time.perf_counter()
-            res = run_seed(setting, seed, args)
+            res = run_seed(setting, seed, args, args.only)
             _write_part(part, {"setting": setting, "seed": seed, "args": saved,
                                "seconds": time.perf_counter() - t0, **res})  # fmt: skip
         want_abl = args.ablations in ("yes", "only") or (
