@@ -562,16 +562,28 @@ def run_seed(setting: str, seed: int, args: argparse.Namespace, only: str | None
 def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """Setting A, one seed: scores (interventions, reduction), prune vs soft, k (tau) sweep, sites, contrastive
     fine-tuning without pruning and tau_c, and where the pruned features sit (layer-wise counts)."""
+    import resource
+
     import lightning.pytorch as pl
+
+    memory: dict[str, float] = {}
+
+    def peak(stage: str) -> None:
+        """The process's peak resident memory so far (MB; Linux reports KB): it only grows, so a stage that
+        raises it set a new peak."""
+        memory[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     pl.seed_everything(seed, verbose=False)
     bench = bench_a(args, seed)
     k = args.prune_k
     erm = load_model()
+    peak("data and model loaded")
     t_erm = train(erm, bench.train, args.erm_epochs, args.lr)
+    peak("after ERM training (batch 32)")
     run = Runner(bench, seed, erm)
     run.record("ERM", erm, t_erm)
     sites, grad_scores, t = icp_scores(erm, bench)
+    peak("after gradient attribution (72 heads)")
     run.costs["attribution gradient mask"] = t
     tau: dict[str, float] = {}
     from icp_lightning import causal_effects, spuriousness
@@ -584,6 +596,7 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
             exact[(iv, "label_logprob", name)] = causal_effects(erm, loader, sites, iv, method="exact",
                                                                 progress=False, partner="permutation")  # fmt: skip
         run.costs[f"attribution exact {iv}"] = time.perf_counter() - t0
+        peak(f"after exact {iv} attribution")
     contrast = {"id": 1.0, "heldout": -1.0}
     for ivs in (("mask",), ("scale",), ("swap",), ("mask", "scale", "swap")):
         chosen = {key: eff for key, eff in exact.items() if key[0] in ivs}
@@ -604,6 +617,7 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
         run.cont(f"k sweep: prune {kk} heads", lambda m, _k=kk: prune(m, sites, grad_scores, _k))
     ffn_sub, ffn_scores, t = icp_scores(erm, bench, "neuron", target_modules=r".*layer\.\d+\.output\.dense")
     run.costs["attribution 9,216 FFN neurons (gradient)"] = t
+    peak("after gradient attribution (9,216 FFN neurons)")
     n_ffn = args.ffn_k
     run.cont(f"sites: FFN neurons, prune top {n_ffn} + refit",
              lambda m: refit((prune(m, ffn_sub, ffn_scores, n_ffn), m)[1], bench))  # fmt: skip
@@ -620,13 +634,9 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     told_id = bench.tokenizer.convert_tokens_to_ids(TOKEN)
     run.cont(f"diagnosis, told: `{TOKEN}` masked at the input + head refit",
              lambda m: (mask_input_tokens(m, [told_id], bench.tokenizer.mask_token_id), refit(m, bench)))  # fmt: skip
+    peak("after the token-edit epochs and the rest")
     layers = {"heads": _per_layer(sites, grad_scores, k), "ffn": _per_layer(ffn_sub, ffn_scores, n_ffn)}
-    return {
-        "results": run.results,
-        "costs": run.costs,
-        "tau": tau,
-        "layers": layers,
-    }
+    return {"results": run.results, "costs": run.costs, "tau": tau, "layers": layers, "peak_rss_mb": memory}
 
 
 def _per_layer(sites: Any, scores: Any, k: int) -> dict[str, int]:
@@ -953,6 +963,9 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                   + "; ".join(f"{kind}: " + ", ".join(f"L{layer} {c}" for layer, c in counts.items())
                               for kind, counts in abl_r["layers"].items()),
                   "", "![layers](layers_A.png) ![k sweep](k_sweep_A.png)", ""]  # fmt: skip
+        if abl_r.get("peak_rss_mb"):
+            lines += ["Peak resident memory of the process (MB, monotonic: a stage that raises it set a new peak): "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in abl_r["peak_rss_mb"].items()), ""]  # fmt: skip
     (out / "reliability.md").write_text("\n".join(lines) + "\n")
     return report
 
