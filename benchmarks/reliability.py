@@ -60,7 +60,9 @@ FEMALE = ["mary", "patricia", "jennifer", "linda", "elizabeth", "susan", "jessic
 ICP_MAIN = "ICP prune top {k} heads + head refit"
 #: ICP's input-level variants (added after the first runs of this benchmark showed that pruning heads leaves the
 #: shortcut in place; reported against the targets beside ICP_MAIN, not instead of it).
-INVERSE = "ICP inverse: discovered tokens masked at the input, {what}"
+#: "masked at" (read as [MASK]) was the first version: fine-tuning learns [MASK] as the new shortcut (seeds 1-2 of A
+#: measured it); "deleted from" replaced it.
+INVERSE = "ICP inverse: discovered tokens deleted from the input, {what}"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 HELDOUT = 256
 
@@ -432,7 +434,7 @@ def token_edit_epoch(model: torch.nn.Module, bench: Bench, scores: Any, args: ar
 def inverse_methods(run: Runner, bench: Bench, scores: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     """ICP's input-level step, told nothing: map the top-scored heads back to tokens over the ``id`` attribution
     set (:func:`discover_tokens` over :class:`TokenEditCounterfactual` edits), then prune the discovered tokens at
-    the input (:func:`mask_input_tokens`: the model reads them as [MASK]), alone, with the head refit, or with
+    the input (:func:`mask_input_tokens`, ``mode="delete"``: the model never sees them), alone, with the head refit, or with
     one epoch of plain CE. Returns the most edited tokens, for the report."""
     from icp_lightning import TokenEditCounterfactual, discover_tokens, find_sites, mask_input_tokens
 
@@ -446,14 +448,15 @@ def inverse_methods(run: Runner, bench: Bench, scores: Any, args: argparse.Names
     found = discover_tokens(erm, batches, scores, m_sites, cf, special_token_ids=tok.all_special_ids)
     run.costs["token discovery (inverse over 256 id sentences)"] = time.perf_counter() - t0
     ids = [d.token_id for d in found if d.discovered]
-    mask_id = tok.mask_token_id
     print(bench.setting, run.seed, "discovered", tok.convert_ids_to_tokens(ids), flush=True)
-    run.cont(INVERSE.format(what="alone"), lambda m: mask_input_tokens(m, ids, mask_id))
-    run.cont(
-        INVERSE.format(what="+ head refit"), lambda m: (mask_input_tokens(m, ids, mask_id), refit(m, bench))
-    )
-    run.cont(INVERSE.format(what="+ 1 epoch CE"),
-             lambda m: (mask_input_tokens(m, ids, mask_id), train(m, bench.train, 1, args.lr)))  # fmt: skip
+    pad = tok.pad_token_id
+
+    def cut(m: torch.nn.Module) -> Any:
+        return mask_input_tokens(m, ids, pad, mode="delete")
+
+    run.cont(INVERSE.format(what="alone"), cut)
+    run.cont(INVERSE.format(what="+ head refit"), lambda m: (cut(m), refit(m, bench)))
+    run.cont(INVERSE.format(what="+ 1 epoch CE"), lambda m: (cut(m), train(m, bench.train, 1, args.lr)))
     return [{"token": tok.convert_ids_to_tokens(d.token_id), "edited": d.edited, "present": d.present,
              "total": d.total, "discovered": d.discovered} for d in found[:20]]  # fmt: skip
 

@@ -6,8 +6,8 @@ most heads of the last layers, and fine-tuning re-routes around masked ones; see
 (:class:`~icp_lightning.core.counterfactuals.TokenEditCounterfactual`) names, per example, the token whose removal
 moves the top-scored features most. :func:`discover_tokens` counts those edits over a data set: a token that is
 edited in most of the sentences that contain it, and in a fair share of all sentences, is what the features
-read. :func:`mask_input_tokens` then prunes it at the input: the model reads it as another token (``[MASK]``)
-from then on, in training and at inference, whatever the optimizer does to its embedding row.
+read. :func:`mask_input_tokens` then prunes it at the input, in training and at inference: the model reads it
+as ``[MASK]`` (``mode="mask"``) or never sees it (``mode="delete"``).
 
 Written by hand: no library maps attribution scores back to a data set's tokens (Captum and pyvene attribute per
 example; they do not aggregate edits into a vocabulary-level decision or edit the model's input).
@@ -124,34 +124,84 @@ class TokenMaskHandle:
         self._handle.remove()
 
 
-def mask_input_tokens(model: nn.Module, token_ids: Sequence[int], mask_id: int) -> TokenMaskHandle:
-    """Make ``model`` read every token in ``token_ids`` as ``mask_id``: a forward pre-hook on its input
-    embeddings (``model.get_input_embeddings()``) replaces the ids before the lookup, so the edit holds under any
-    optimizer (the tokens' own embedding rows are never read again) and needs no change to the data.
+def _compact(x: torch.Tensor, keep: torch.Tensor, fill: Any) -> torch.Tensor:
+    """Each row of ``x`` with its kept entries moved left, in order, and ``fill`` after them."""
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, order preserved
+    out = torch.gather(x, 1, order)
+    n_keep = keep.sum(1, keepdim=True)
+    tail = torch.arange(x.shape[1], device=x.device).unsqueeze(0) >= n_keep
+    return out.masked_fill(tail, fill)
+
+
+def mask_input_tokens(
+    model: nn.Module, token_ids: Sequence[int], mask_id: int | None = None, mode: str = "mask"
+) -> TokenMaskHandle:
+    """Prune ``token_ids`` at the input of ``model``, in training and at inference, whatever the optimizer does to
+    their embedding rows.
+
+    ``mode="mask"``: a forward pre-hook on the input embeddings (``model.get_input_embeddings()``) replaces them by
+    ``mask_id`` before the lookup. The model still sees *that a token was there*: fine-tuning can learn the
+    replacement as the new shortcut (``benchmarks/results/reliability.md`` measures it). ``mode="delete"``: a
+    forward pre-hook on the model removes them from ``input_ids`` and from the matching ``attention_mask`` and
+    ``token_type_ids`` entries (later tokens shift left; padding, with mask 0, fills the end), so nothing marks
+    where they were. ``delete`` needs the model called with keyword ``input_ids`` (as Hugging Face models are)
+    and right padding; position ids are the model's defaults.
 
     Args:
         model: a Hugging Face model (or anything with ``get_input_embeddings()``).
-        token_ids: the ids to mask.
-        mask_id: the id they become (``tokenizer.mask_token_id``, else the pad id).
+        token_ids: the ids to prune.
+        mask_id: ``"mask"``: the id they become (``tokenizer.mask_token_id``, else the pad id). ``"delete"``: the
+            pad id written at the freed end (default ``config.pad_token_id``, else 0).
+        mode: ``"mask"`` or ``"delete"``.
 
     Returns:
         A handle; ``remove()`` undoes it. The hook is not in the ``state_dict``: save the ids with the model
         (``config``) and call this again after loading.
     """
+    if mode not in ("mask", "delete"):
+        raise ValueError(f"mode must be 'mask' or 'delete', got {mode!r}")
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
     if not isinstance(embeddings, nn.Module):
         raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): pass a Hugging Face model")
+    if mask_id is None:
+        if mode == "mask":
+            raise ValueError("mode='mask' needs mask_id (e.g. tokenizer.mask_token_id)")
+        mask_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     n = getattr(embeddings, "num_embeddings", None)
     if n is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n or not 0 <= mask_id < n):
         raise ValueError(f"token ids and mask_id must be in [0, {n}), got {ids.tolist()} and {mask_id}")
+    fill = int(mask_id)
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if not args or not isinstance(args[0], torch.Tensor):
+    if mode == "mask":
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            hit = torch.isin(x, ids.to(x.device))
+            return (torch.where(hit, torch.full_like(x, fill), x), *args[1:])
+
+        return TokenMaskHandle(embeddings.register_forward_pre_hook(hook), ids, fill)
+
+    def delete(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = kwargs.get("input_ids")
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            if args:
+                raise ValueError("mask_input_tokens(mode='delete') needs the model called with input_ids=...")
             return None
-        x = args[0]
-        hit = torch.isin(x, ids.to(x.device))
-        return (torch.where(hit, torch.full_like(x, mask_id), x), *args[1:])
+        keep = ~torch.isin(x, ids.to(x.device))
+        if bool(keep.all()):
+            return None
+        kwargs = dict(kwargs)
+        kwargs["input_ids"] = _compact(x, keep, fill)
+        attention = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = _compact(
+            attention if isinstance(attention, torch.Tensor) else torch.ones_like(x), keep, 0
+        )
+        if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
+            kwargs["token_type_ids"] = _compact(kwargs["token_type_ids"], keep, 0)
+        return args, kwargs
 
-    return TokenMaskHandle(embeddings.register_forward_pre_hook(hook), ids, mask_id)
+    return TokenMaskHandle(model.register_forward_pre_hook(delete, with_kwargs=True), ids, fill)

@@ -94,3 +94,21 @@ def test_masked_tokens_read_as_the_mask_token_through_training_and_remove() -> N
         mask_input_tokens(model, [31], mask_id=4)
     with pytest.raises(ValueError, match="get_input_embeddings"):
         mask_input_tokens(torch.nn.Linear(2, 2), [1], mask_id=0)
+
+
+def test_deleted_tokens_equal_inputs_written_without_them() -> None:
+    model = _bert()
+    ids = torch.tensor([[2, 7, 5, 9, 3, 0], [2, 5, 6, 8, 3, 0], [2, 7, 7, 7, 3, 0]])
+    attention = (ids != 0).long()
+    types = torch.zeros_like(ids)
+    handle = mask_input_tokens(model, [7, 9], mode="delete")
+    got = model(input_ids=ids, attention_mask=attention, token_type_ids=types).logits
+    handle.remove()
+    for row in range(3):  # naive: each sentence rewritten without the tokens, alone (no padding)
+        kept = [t for t in ids[row].tolist() if t not in (7, 9, 0)]
+        want = model(input_ids=torch.tensor([kept])).logits
+        torch.testing.assert_close(got[row : row + 1], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        mask_input_tokens(model, [7], mode="cut")
+    with pytest.raises(ValueError, match="needs mask_id"):
+        mask_input_tokens(model, [7])
