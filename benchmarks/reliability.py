@@ -924,7 +924,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         lines += _table(setting, rep["summary"], rep["costs"])
         lines.append("")
         for name in [ICP_MAIN.format(k=a["prune_k"])] + [
-            m for m in rep["summary"] if m.startswith("ICP inverse")
+            m for m in rep["summary"] if m.startswith("ICP inverse") and "deleted" in m
         ]:
             checks = targets(setting, rep["summary"], name)
             if checks:
