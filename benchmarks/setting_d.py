@@ -20,6 +20,19 @@ Everything ICP learns comes from the attribution half, itself split again:
 The evaluation half, the BoolQ questions and the perplexity sentences are only used for the final numbers.
 Methods: the unedited model, random pruning of as many neurons as ``ICP prune``, the two ICP rankings.
 
+Other edits tried while building this, on seed 0's attribution half only (96 ranking pairs; stereotype score
+on 128-256 selection pairs, about ±4 points of sampling noise; dev perplexity about 150 unedited):
+
+- zeroing the whole-sentence top-k: k=16/32/64/128 gave 55.1/52.0/50.8/48.4% (unedited 55.9%) at dev
+  perplexity +28/+37/+54/+76%: the top neurons sit in layers 0 and 29 and matter for all text;
+- replacing them by their mean activation instead of 0: dev perplexity about 4,000 (the first token's very
+  large activations make the mean a bad stand-in);
+- keeping only neurons whose mask effect on dev-text log-likelihood is below the median (a cost-aware
+  contrast): perplexity within +1 to +8% up to k=512, but the score stayed within noise of unedited;
+- ranking by the mask effect on the preference instead of the swap effect: 44.5% at k=16, perplexity x2.3;
+- attention heads (``o_proj``, 270 heads, paired swap): 2/4/8 heads gave 47.7/50.8/47.7% (unedited 52.3%)
+  at perplexity +23/+31/+91%; the top heads are in layer 0.
+
 Run: ``python -m benchmarks.setting_d --quick`` (one seed) or without ``--quick`` (``--seeds 0 1 2 3 4``).
 Writes ``benchmarks/results/reliability_d.json`` and ``reliability_d.md``.
 """
