@@ -787,6 +787,31 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], icp: str) -> lis
     return out
 
 
+#: The metric the paired comparisons use, per setting, and whether higher is better.
+PAIRED = {"A": ("ood/acc", True), "B": ("ood/acc", True), "C": ("balanced/dp_diff", False)}
+
+
+def paired(setting: str, per_seed: list[dict[str, Any]], icp: str) -> list[str]:
+    """Per-seed differences ``icp - baseline`` on the setting's key metric (the seeds share data and ERM, so the
+    paired difference is less noisy than comparing means): mean ± std and how many seeds favour ICP."""
+    key, higher = PAIRED[setting]
+    out = []
+    for base in dict.fromkeys(m for r in per_seed for m in r["results"]):
+        if not base.startswith(("DFR", "JTT", "random", "magnitude", "counterfactual KL")):
+            continue
+        diffs = [r["results"][icp][key] - r["results"][base][key] for r in per_seed
+                 if icp in r["results"] and base in r["results"]]  # fmt: skip
+        if not diffs:
+            continue
+        wins = sum((d > 0) if higher else (d < 0) for d in diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        pct = key.endswith("acc")
+        mean, spread = (100 * statistics.mean(diffs), 100 * sd) if pct else (statistics.mean(diffs), sd)
+        text = f"{mean:+.1f} ± {spread:.1f} points" if pct else f"{mean:+.3f} ± {spread:.3f}"
+        out.append(f"- vs {base}: {text}, better on {wins} of {len(diffs)} seeds")
+    return out
+
+
 def _table(
     setting: str, summary: dict[str, dict[str, list[float]]], costs: dict[str, list[float]]
 ) -> list[str]:
@@ -929,6 +954,10 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             checks = targets(setting, rep["summary"], name)
             if checks:
                 lines += [f"Targets for `{name}` (on the means):", *checks, ""]
+            pairs = paired(setting, rep["per_seed"], name) if name.endswith("head refit") else []
+            if pairs:
+                key = PAIRED[setting][0]
+                lines += [f"Paired per-seed differences of `{name}` on `{key}`:", *pairs, ""]
         found = [
             (r["seed"], [d["token"] for d in r.get("discovered", []) if d["discovered"]])
             for r in rep["per_seed"]
