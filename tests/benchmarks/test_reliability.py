@@ -135,3 +135,19 @@ def test_setting_c_rows_plant_the_correlation_and_balance_the_test_set(
         i = (rel.MALE + rel.FEMALE).index(name) % len(rel.MALE)
         assert cf_name == (rel.FEMALE if name in rel.MALE else rel.MALE)[i]
         assert (name in rel.FEMALE) == bool(r["group"] % 2)
+
+
+def test_paired_differences_against_hand_arithmetic() -> None:
+    icp, dfr = "ICP x + head refit", "DFR (head refit on held-out)"
+    per_seed = [
+        {"results": {icp: {"ood/acc": a}, dfr: {"ood/acc": b}}}
+        for a, b in ((0.6, 0.5), (0.7, 0.72), (0.5, 0.4))
+    ]
+    (line,) = rel.paired("A", per_seed, icp)
+    diffs = [10.0, -2.0, 10.0]  # points
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    assert line == f"- vs {dfr}: {mean:+.1f} ± {sd:.1f} points, better on 2 of 3 seeds"
+    # C compares DP differences, where lower is better
+    per_seed_c = [{"results": {icp: {"balanced/dp_diff": 0.1}, dfr: {"balanced/dp_diff": 0.3}}}]
+    assert rel.paired("C", per_seed_c, icp) == [f"- vs {dfr}: -0.200 ± 0.000, better on 1 of 1 seeds"]
