@@ -23,7 +23,8 @@ Every method continues from the same ERM model (``--erm-epochs`` epochs) with at
 budget), except the oracle (trained from scratch on data without the token or the names, for ERM epochs + 1)
 and the training-free ones.
 
-Run ``python -m benchmarks.reliability --quick`` (one seed of A, under 15 minutes on 2 cores) or
+Run ``python -m benchmarks.reliability --quick`` (one seed of A, under 15 minutes on 2 cores, into
+``benchmarks/results/quick/``) or
 ``python -m benchmarks.reliability`` (every setting, five seeds, ablations on seed 0 of A: hours). Each
 (setting, seed) is stored in ``benchmarks/results/parts/`` as it finishes (``--settings``/``--seeds`` split a run
 over processes; finished parts are skipped unless ``--force``), then ``reliability.json``, ``reliability.md`` and
@@ -1031,6 +1032,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     if args.quick:
         args.settings, args.seeds = ["A"], [0]
+        if args.out == "benchmarks/results":  # its own folder: a rerun, never the committed full results
+            args.out = "benchmarks/results/quick"
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     saved = {k: v for k, v in vars(args).items() if k not in ("force", "combine", "out", "only")}
