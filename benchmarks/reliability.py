@@ -396,6 +396,14 @@ def magnitude_prune(model: torch.nn.Module, k_heads: int, n_heads: int) -> torch
     return model
 
 
+def token_edit(tokenizer: Any, top_k: int = 8) -> Any:
+    """The discrete inverse both ICP steps use: one [MASK] edit per example, two candidates checked exactly."""
+    from icp_lightning import TokenEditCounterfactual
+
+    return TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tokenizer.mask_token_id,
+                                   special_token_ids=tokenizer.all_special_ids)  # fmt: skip
+
+
 def told_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference told the token / attribute: CE on x and on its paired counterfactual x' (the token removed
     or added, the name swapped), plus KL(M(x) || M(x'))."""
@@ -413,12 +421,11 @@ def token_edit_epoch(model: torch.nn.Module, bench: Bench, scores: Any, args: ar
     """ICP's contrastive fine-tuning told nothing: x' comes from the discrete inverse of interventions on the
     ``top_k`` top-scored features (:class:`TokenEditCounterfactual`: the token whose removal moves those features
     most is replaced by [MASK]); the same loss as :func:`told_loss`."""
-    from icp_lightning import TokenEditCounterfactual, counterfactual_kl, find_sites
+    from icp_lightning import counterfactual_kl, find_sites
 
     m_sites = find_sites(model, granularity="head")  # hooks must go on this copy's modules
     tok = bench.tokenizer
-    cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tok.mask_token_id,
-                                 special_token_ids=tok.all_special_ids)  # fmt: skip
+    cf = token_edit(tok, top_k)
 
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         m.eval()
@@ -437,13 +444,12 @@ def inverse_methods(run: Runner, bench: Bench, scores: Any, args: argparse.Names
     set (:func:`discover_tokens` over :class:`TokenEditCounterfactual` edits), then prune the discovered tokens at
     the input (:func:`mask_input_tokens`, ``mode="delete"``: the model never sees them), alone, with the head refit, or with
     one epoch of plain CE. Returns the most edited tokens, for the report."""
-    from icp_lightning import TokenEditCounterfactual, discover_tokens, find_sites, mask_input_tokens
+    from icp_lightning import discover_tokens, find_sites, mask_input_tokens
 
     tok = bench.tokenizer
     erm = run.erm
     m_sites = find_sites(erm, granularity="head")
-    cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=8, replace_id=tok.mask_token_id,
-                                 special_token_ids=tok.all_special_ids)  # fmt: skip
+    cf = token_edit(tok)
     t0 = time.perf_counter()
     batches = [inputs_of(b) | {"labels": b["labels"]} for b in bench.attribution["id"]]
     found = discover_tokens(erm, batches, scores, m_sites, cf, special_token_ids=tok.all_special_ids)
