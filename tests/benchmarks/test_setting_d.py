@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from benchmarks.setting_d import (
@@ -35,14 +34,12 @@ from benchmarks.setting_d import (
 )
 from icp_lightning.core.sites import find_sites
 from icp_lightning.metrics.lm import perplexity, sentence_logprobs, stereotype_score, yes_no_accuracy
+from tests.wordlevel import BOS, word_tokenizer
+from tests.wordlevel import WORDS as BASE_WORDS
 
 torch.set_num_threads(1)
-WORDS = (
-    "<pad> <s> <unk> the a is was he she doctor nurse tall short sky blue green red yes no "
-    "question answer : ? . water wet fire hot cold dog cat runs sleeps poor rich people save money"
-).split()
+WORDS = BASE_WORDS + "poor rich people save money".split()
 VOCAB = {w: i for i, w in enumerate(WORDS)}
-BOS = VOCAB["<s>"]
 FFN = r".*layers\.\d+\.mlp\.down_proj"
 PAIRS = [
     ("he is a doctor .", "she is a doctor ."),
@@ -67,12 +64,7 @@ def model() -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    return word_tokenizer(WORDS)
 
 
 def _ids(text: str) -> list[int]:
