@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import parse_args
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -186,13 +188,7 @@ def main() -> None:
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/callback_overhead.md")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    args = parse_args(parser)
 
     lat = slim_latency(args)
     lat_h = slim_latency(args, heads=0.25)

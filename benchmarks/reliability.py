@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import parse_args
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -1029,13 +1031,7 @@ def main() -> None:
                         help="ERM and the inverse methods only, into <setting>_seed<n>_inverse.json (for main parts "
                         "that predate them; --combine merges them)")  # fmt: skip
     parser.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    args = parse_args(parser)
     if args.quick:
         args.settings, args.seeds = ["A"], [0]
         if args.out == "benchmarks/results":  # its own folder: a rerun, never the committed full results

@@ -56,6 +56,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from benchmarks.common import parse_args
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -787,13 +789,7 @@ def main() -> None:
         "--pairs", type=int, default=None, help="use only the first N CrowS-Pairs (smoke runs)"
     )
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    args = parse_args(parser)
     if args.quick:
         args.seeds = [0]
     t0 = time.perf_counter()
