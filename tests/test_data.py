@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
 
-from icp_lightning import recipes
+from icp_lightning import assets, recipes
 from icp_lightning.data import ICPCollator, ICPDataModule, insert_token, plant_shortcut
 from icp_lightning.recipes import RECIPES, MissingDataError
 
@@ -613,7 +613,7 @@ def test_fairness_recipes_real_package(name: str) -> None:
 def test_missing_package_error_has_the_pip_line(
     monkeypatch: pytest.MonkeyPatch, call: Any, command: str
 ) -> None:
-    monkeypatch.setattr(recipes, "_find_spec", lambda name: None)
+    monkeypatch.setattr(assets, "_find_spec", lambda name: None)
     with pytest.raises(MissingDataError) as info:
         call()
     assert f"`{command}`" in str(info.value) and info.value.command == command
