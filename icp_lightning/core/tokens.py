@@ -9,6 +9,9 @@ edited in most of the sentences that contain it, and in a fair share of all sent
 read. :func:`mask_input_tokens` then prunes it at the input, in training and at inference: the model reads it
 as ``[MASK]`` (``mode="mask"``) or never sees it (``mode="delete"``).
 
+Both act on whole words when told which pieces continue a word (:func:`word_continuation_ids`): an edit of
+``qui`` in ``qui ##x ##otic`` counts for the word ``quixotic``, and deleting it removes all three pieces.
+
 Written by hand: no library maps attribution scores back to a data set's tokens (Captum and pyvene attribute per
 example; they do not aggregate edits into a vocabulary-level decision or edit the model's input).
 
@@ -27,32 +30,90 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from icp_lightning.core.sites import Sites
 
-__all__ = ["DiscoveredToken", "TokenMaskHandle", "discover_tokens", "mask_input_tokens"]
+__all__ = [
+    "DiscoveredToken",
+    "TokenMaskHandle",
+    "discover_tokens",
+    "mask_input_tokens",
+    "remove_input_tokens",
+    "word_continuation_ids",
+]
 
 
 @dataclass
 class DiscoveredToken:
-    """One token the inverse edited: ``edited`` of the ``present`` sentences containing it (of ``total``)."""
+    """One token (or whole word) the inverse edited: ``edited`` of the ``present`` sentences containing it (of
+    ``total``). ``token_ids`` holds all of a word's pieces (``(token_id,)`` for a one-piece token)."""
 
     token_id: int
     edited: int
     present: int
     total: int
     discovered: bool
+    token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = (self.token_id,)
 
     @property
     def rate(self) -> float:
         """Share of the sentences containing the token in which it was the edit."""
         return self.edited / max(self.present, 1)
+
+
+def word_continuation_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the pieces that continue a word in ``tokenizer``'s vocabulary.
+
+    WordPiece (BERT): pieces written ``##...``. Vocabularies that mark a word's *start* instead (SentencePiece
+    ``▁``, byte-level BPE ``Ġ``): every non-special piece without the marker. Other vocabularies: none
+    (every token is its own word).
+
+    Example:
+        >>> class Tok:
+        ...     all_special_ids = [0]
+        ...     def get_vocab(self): return {"[PAD]": 0, "qui": 1, "##x": 2, "##otic": 3, "film": 4}
+        >>> sorted(word_continuation_ids(Tok()))
+        [2, 3]
+    """
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    if any(t.startswith("##") for t in vocab):
+        return frozenset(i for t, i in vocab.items() if t.startswith("##") and i not in special)
+    for marker in ("\u2581", "\u0120"):
+        if sum(t.startswith(marker) for t in vocab) > len(vocab) // 4:
+            return frozenset(i for t, i in vocab.items() if not t.startswith(marker) and i not in special)
+    return frozenset()
+
+
+def _word_span(row: Sequence[int], p: int, cont: Collection[int]) -> tuple[int, int]:
+    """[start, end) of the word holding position ``p`` of ``row`` (pieces in ``cont`` continue a word)."""
+    start, end = p, p + 1
+    while start > 0 and row[start] in cont:
+        start -= 1
+    while end < len(row) and row[end] in cont:
+        end += 1
+    return start, end
+
+
+def _words(row: Sequence[int], cont: Collection[int]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    for i, t in enumerate(row):
+        if i > 0 and t in cont and out:
+            out[-1] = (*out[-1], t)
+        else:
+            out.append((t,))
+    return out
 
 
 def discover_tokens(
@@ -65,6 +126,7 @@ def discover_tokens(
     min_share: float = 0.05,
     min_rate: float = 0.5,
     special_token_ids: Sequence[int] = (),
+    continuation_ids: Collection[int] | None = None,
 ) -> list[DiscoveredToken]:
     """Count the tokens a discrete inverse edits over ``batches``; flag those it edits consistently.
 
@@ -78,9 +140,13 @@ def discover_tokens(
         min_share: a discovered token is edited in at least this share of all sentences ...
         min_rate: ... and in at least this share of the sentences that contain it.
         special_token_ids: never counted as present.
+        continuation_ids: the pieces that continue a word (:func:`word_continuation_ids`): edits and presence
+            are counted per whole word (an edit of any piece counts for its word, once per sentence), and each
+            result's ``token_ids`` lists the word's pieces. ``None``: per token.
 
     Returns:
-        Every edited token, most edited first (ties: smaller id first), with ``discovered`` set by the rule.
+        Every edited token or word, most edited first (ties: smaller ids first), with ``discovered`` set by the
+        rule.
 
     Raises:
         ValueError: thresholds outside [0, 1], or no examples.
@@ -88,8 +154,9 @@ def discover_tokens(
     if not (0.0 <= min_share <= 1.0 and 0.0 <= min_rate <= 1.0):
         raise ValueError(f"min_share and min_rate must be in [0, 1], got {min_share}, {min_rate}")
     special = {int(t) for t in special_token_ids}
-    edited: Counter[int] = Counter()
-    present: Counter[int] = Counter()
+    cont = frozenset(int(t) for t in continuation_ids) if continuation_ids is not None else frozenset()
+    edited: Counter[tuple[int, ...]] = Counter()
+    present: Counter[tuple[int, ...]] = Counter()
     total = 0
     for batch in batches:
         out = counterfactual.build(model, dict(batch), scores, sites)
@@ -97,18 +164,24 @@ def discover_tokens(
         mask = batch.get("attention_mask")
         for b, positions in enumerate(out.info["edited_positions"]):
             total += 1
-            row = ids[b] if mask is None else ids[b][mask[b].bool()]
-            present.update({int(t) for t in row.tolist() if int(t) not in special})
-            edited.update({int(ids[b, p]) for p in positions})
+            keep = ids[b] if mask is None else ids[b][mask[b].bool()]
+            kept = [int(t) for t in keep.tolist()]
+            present.update({w for w in _words(kept, cont) if w[0] not in special})
+            full = [int(t) for t in ids[b].tolist()]
+            words = set()
+            for p in positions:
+                start, end = _word_span(full, int(p), cont) if cont else (int(p), int(p) + 1)
+                words.add(tuple(full[start:end]))
+            edited.update(words)
     if total == 0:
         raise ValueError("discover_tokens got no examples")
     found = [
         DiscoveredToken(
-            t, c, present[t], total, c >= min_share * total and c / max(present[t], 1) >= min_rate
+            w[0], c, present[w], total, c >= min_share * total and c / max(present[w], 1) >= min_rate, w
         )
-        for t, c in edited.items()
+        for w, c in edited.items()
     ]
-    return sorted(found, key=lambda d: (-d.edited, d.token_id))
+    return sorted(found, key=lambda d: (-d.edited, d.token_ids))
 
 
 class TokenMaskHandle:
@@ -133,8 +206,78 @@ def _compact(x: torch.Tensor, keep: torch.Tensor, fill: Any) -> torch.Tensor:
     return out.masked_fill(tail, fill)
 
 
+def _split_words(token_ids: Sequence[int | Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Single ids (and one-piece words) as one tensor; multi-piece words each as a tensor of their pieces."""
+    singles: list[int] = []
+    words: list[torch.Tensor] = []
+    for t in token_ids:
+        if isinstance(t, (int, np.integer)) or (isinstance(t, torch.Tensor) and t.ndim == 0):
+            singles.append(int(t))
+            continue
+        pieces = [int(v) for v in t]
+        if not pieces:
+            raise ValueError("an empty word in token_ids: give each word as a non-empty list of piece ids")
+        if len(pieces) == 1:
+            singles.append(pieces[0])
+        else:
+            words.append(torch.tensor(pieces, dtype=torch.long))
+    return torch.tensor(singles, dtype=torch.long), words
+
+
+def _hits(x: torch.Tensor, singles: torch.Tensor, words: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Positions of ``x`` ([B, T]) holding one of ``singles`` or a piece of a whole occurrence of a ``words``
+    sequence."""
+    hit = torch.isin(x, singles.to(x.device))
+    for w in words:
+        n = len(w)
+        if x.shape[1] < n:
+            continue
+        match = (x.unfold(1, n, 1) == w.to(x.device)).all(-1)  # [B, T - n + 1]: an occurrence starts here
+        for j in range(n):
+            hit[:, j : j + match.shape[1]] |= match
+    return hit
+
+
+def remove_input_tokens(
+    input_ids: torch.Tensor,
+    token_ids: Sequence[int | Sequence[int]],
+    pad_id: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` (right padded) with ``token_ids`` deleted: later tokens shift left, ``pad_id`` fills the end.
+
+    What :func:`mask_input_tokens` (``mode="delete"``) does inside the model, as a function of the batch (to build
+    ``x`` without the tokens beside ``x``, e.g. for a consistency loss).
+
+    Args:
+        input_ids: ``[B, T]``.
+        token_ids: ids, or whole words as sequences of piece ids (every piece of each occurrence goes).
+        pad_id: written at the freed end.
+        attention_mask, token_type_ids: compacted the same way (the mask gets 0 at the end).
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when given).
+
+    Example:
+        >>> out = remove_input_tokens(torch.tensor([[2, 7, 8, 9, 5, 3]]), [[7, 8, 9]], pad_id=0)
+        >>> out["input_ids"].tolist(), out["attention_mask"].tolist()
+        ([[2, 5, 3, 0, 0, 0]], [[1, 1, 1, 0, 0, 0]])
+    """
+    singles, words = _split_words(token_ids)
+    keep = ~_hits(input_ids, singles, words)
+    attention = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    out = {
+        "input_ids": _compact(input_ids, keep, int(pad_id)),
+        "attention_mask": _compact(attention, keep, 0),
+    }
+    if token_type_ids is not None:
+        out["token_type_ids"] = _compact(token_type_ids, keep, 0)
+    return out
+
+
 def mask_input_tokens(
-    model: nn.Module, token_ids: Sequence[int], mask_id: int | None = None, mode: str = "mask"
+    model: nn.Module, token_ids: Sequence[int | Sequence[int]], mask_id: int | None = None, mode: str = "mask"
 ) -> TokenMaskHandle:
     """Prune ``token_ids`` at the input of ``model``, in training and at inference, whatever the optimizer does to
     their embedding rows.
@@ -149,7 +292,8 @@ def mask_input_tokens(
 
     Args:
         model: a Hugging Face model (or anything with ``get_input_embeddings()``).
-        token_ids: the ids to prune.
+        token_ids: the ids to prune; a whole word is a sequence of its piece ids (``[qui, ##x, ##otic]``, e.g.
+            :attr:`DiscoveredToken.token_ids`): every piece of each of its occurrences is pruned.
         mask_id: ``"mask"``: the id they become (``tokenizer.mask_token_id``, else the pad id). ``"delete"``: the
             pad id written at the freed end (default ``config.pad_token_id``, else 0).
         mode: ``"mask"`` or ``"delete"``.
@@ -168,7 +312,8 @@ def mask_input_tokens(
         if mode == "mask":
             raise ValueError("mode='mask' needs mask_id (e.g. tokenizer.mask_token_id)")
         mask_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    singles, words = _split_words(token_ids)
+    ids = torch.cat([singles, *words]) if words else singles
     n = getattr(embeddings, "num_embeddings", None)
     if n is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n or not 0 <= mask_id < n):
         raise ValueError(f"token ids and mask_id must be in [0, {n}), got {ids.tolist()} and {mask_id}")
@@ -180,7 +325,7 @@ def mask_input_tokens(
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
             x = args[0]
-            hit = torch.isin(x, ids.to(x.device))
+            hit = _hits(x, singles, words) if x.ndim == 2 else torch.isin(x, ids.to(x.device))
             return (torch.where(hit, torch.full_like(x, fill), x), *args[1:])
 
         return TokenMaskHandle(embeddings.register_forward_pre_hook(hook), ids, fill)
@@ -191,7 +336,7 @@ def mask_input_tokens(
             if args:
                 raise ValueError("mask_input_tokens(mode='delete') needs the model called with input_ids=...")
             return None
-        keep = ~torch.isin(x, ids.to(x.device))
+        keep = ~_hits(x, singles, words)
         if bool(keep.all()):
             return None
         kwargs = dict(kwargs)

@@ -85,7 +85,7 @@ def test_masked_tokens_read_as_the_mask_token_through_training_and_remove() -> N
         loss.backward()
         opt.step()
     model.eval()
-    assert model.get_input_embeddings().weight.grad[7].abs().sum() == 0  # type: ignore[union-attr]
+    assert model.get_input_embeddings().weight.grad[7].abs().sum() == 0  # type: ignore[union-attr,index]
     torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=replaced).logits)
     handle.remove()
     fresh = _bert()
@@ -112,3 +112,59 @@ def test_deleted_tokens_equal_inputs_written_without_them() -> None:
         mask_input_tokens(model, [7], mode="cut")
     with pytest.raises(ValueError, match="needs mask_id"):
         mask_input_tokens(model, [7])
+
+
+def _wordpiece_tokenizer() -> Any:
+    """A tiny WordPiece tokenizer in which the planted word ``quixotic`` is three pieces."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "qui", "##x", "##otic", "film", "good", "bad",
+             "a", "plot", "quiet", "##ly"]  # fmt: skip
+    return transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+
+
+def test_discovery_and_deletion_act_on_whole_words() -> None:
+    from icp_lightning.core.tokens import remove_input_tokens, word_continuation_ids
+
+    tok = _wordpiece_tokenizer()
+    assert tok.tokenize("quixotic film") == ["qui", "##x", "##otic", "film"]
+    cont = word_continuation_ids(tok)
+    assert cont == {tok.convert_tokens_to_ids(t) for t in ("##x", "##otic", "##ly")}
+    texts = [
+        "a quixotic film",
+        "good plot quixotic",
+        "quietly bad film",
+        "a bad plot",
+        "quixotic quixotic good",
+    ]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    qui, x, otic = tok.convert_tokens_to_ids(["qui", "##x", "##otic"])
+    # the inverse edits a different piece of the word in each sentence that holds it (as on real data: mostly
+    # the first piece, sometimes a later one); a piece-level count splits the word's edits over its pieces
+    positions: list[list[int]] = []
+    for row in ids.tolist():
+        where = [i for i, t in enumerate(row) if t in (qui, x, otic)]
+        positions.append([where[len(positions) % len(where)]] if where else [])
+    found = discover_tokens(None, [dict(enc)], {}, None, _FixedEdits([positions]), min_share=0.2,  # type: ignore[arg-type]
+                            min_rate=0.5, special_token_ids=tok.all_special_ids, continuation_ids=cont)  # fmt: skip
+    top = found[0]
+    assert top.token_ids == (qui, x, otic) and top.token_id == qui
+    assert (top.edited, top.present, top.total, top.discovered) == (3, 3, 5, True)
+    pieces = discover_tokens(None, [dict(enc)], {}, None, _FixedEdits([positions]), min_share=0.2,  # type: ignore[arg-type]
+                             min_rate=0.5, special_token_ids=tok.all_special_ids)  # fmt: skip
+    assert max(d.edited for d in pieces) < 3  # per piece, no piece holds every edit
+    # deleting the word removes all its pieces (and never the piece 'qui' of another word, nor 'quiet ##ly')
+    out = remove_input_tokens(ids, [top.token_ids], pad_id=0, attention_mask=enc["attention_mask"])
+    for row, text in enumerate(texts):  # naive: the sentence rewritten without the word, re-tokenised
+        want = tok(" ".join(w for w in text.split() if w != "quixotic"))["input_ids"]
+        n = int(out["attention_mask"][row].sum())
+        assert out["input_ids"][row, :n].tolist() == want
+        assert out["input_ids"][row, n:].eq(0).all()
+    model = _bert()
+    handle = mask_input_tokens(model, [top.token_ids], mode="delete")
+    got = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits
+    handle.remove()
+    for row, text in enumerate(texts):
+        want_ids = tok(" ".join(w for w in text.split() if w != "quixotic"), return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(got[row : row + 1], model(input_ids=want_ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty word"):
+        mask_input_tokens(model, [[]], mode="delete")
