@@ -5,6 +5,15 @@ Functions (pure torch) live in :mod:`~icp_lightning.metrics.functional` and :mod
 :class:`ReliabilityMetrics` bundles them for one evaluation set.
 """
 
+from icp_lightning.metrics.bias import (
+    BiasAmplification,
+    CounterfactualProbabilityChange,
+    FalsePositiveRateGap,
+    bias_amplification,
+    counterfactual_probability_change,
+    false_positive_rate_gap,
+    positive_rate,
+)
 from icp_lightning.metrics.classes import (
     CounterfactualFlipRate,
     DemographicParityDifference,
@@ -35,22 +44,29 @@ from icp_lightning.metrics.lm import (
 from icp_lightning.metrics.reliability import ReliabilityMetrics
 
 __all__ = [
+    "BiasAmplification",
     "CounterfactualFlipRate",
+    "CounterfactualProbabilityChange",
     "DemographicParityDifference",
     "EqualOpportunityDifference",
     "ExpectedCalibrationError",
+    "FalsePositiveRateGap",
     "GroupAccuracy",
     "ReliabilityMetrics",
     "WorstGroupAccuracy",
+    "bias_amplification",
     "continuation_logprobs",
     "counterfactual_flip_rate",
+    "counterfactual_probability_change",
     "demographic_parity_difference",
     "equal_opportunity_difference",
     "expected_calibration_error",
+    "false_positive_rate_gap",
     "group_accuracies",
     "multiple_choice_accuracy",
     "negative_log_likelihood",
     "perplexity",
+    "positive_rate",
     "score_token_ids",
     "sentence_logprobs",
     "sequence_logprob",
