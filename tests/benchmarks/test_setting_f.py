@@ -1,0 +1,213 @@
+"""Setting F's own computations (lexicon, batching, losses, evaluation, ICP's steps) against naive loops, on tiny
+models built from configs (no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from benchmarks import setting_f as sf
+from icp_lightning.identity_terms import identity_counterfactual, identity_swap_map, mentions_identity
+
+PAD = 0
+
+
+def _tiny_bert() -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=24, num_labels=2)  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _rows(n: int = 40, seed: int = 0) -> sf.Rows:
+    rng = np.random.default_rng(seed)
+    ids, cf_ids, labels, identity, paired = [], [], [], [], []
+    for _ in range(n):
+        length = int(rng.integers(3, 9))
+        x = [1] + rng.integers(5, 60, size=length).tolist() + [2]
+        has = int(rng.random() < 0.5)
+        cf = list(x)
+        if has:  # token 3 <-> 4 stand for an identity pair
+            x[1] = 3
+            cf = list(x)
+            cf[1] = 4
+            if rng.random() < 0.3:
+                cf = cf + [7]  # a swap may change the length
+        ids.append(x)
+        cf_ids.append(cf)
+        labels.append(int(rng.random() < 0.5))
+        identity.append(has)
+        paired.append(int(cf != x))
+    return sf.Rows(ids, cf_ids, labels, identity, paired, [str(i) for i in ids])
+
+
+def _data(rows: sf.Rows, reference: float = 0.6) -> SimpleNamespace:
+    return SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=PAD), reference=reference, train=rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "swapped", "mention"),
+    [
+        ("The Jews and the blacks", "The Christians and the whites", True),
+        ("Muslim women in Europe", "Buddhist men in Africa", True),
+        ("GAY rights", "STRAIGHT rights", True),
+        ("He said hello", "He said hello", False),  # pronouns are not in the identity tables
+        ("Jewishness is a word", "Jewishness is a word", False),  # whole words only
+    ],
+)
+def test_identity_swap_rules(text: str, swapped: str, mention: bool) -> None:
+    assert identity_counterfactual(text, include_countergen=False) == swapped
+    assert mentions_identity(text) is mention
+
+
+def test_swap_map_is_an_involution_on_the_identity_tables() -> None:
+    mapping = identity_swap_map(include_countergen=False)
+    assert all(mapping[mapping[w]] == w for w in mapping)
+
+
+def test_collate_pads_both_sides_to_one_length_and_keeps_tokens() -> None:
+    rows = _rows()
+    batch = sf.collate(rows, list(range(10)), PAD)
+    assert batch["input_ids"].shape == batch["cf_input_ids"].shape
+    for r in range(10):
+        n, m = len(rows.ids[r]), len(rows.cf_ids[r])
+        assert batch["input_ids"][r, :n].tolist() == rows.ids[r]
+        assert batch["cf_input_ids"][r, :m].tolist() == rows.cf_ids[r]
+        assert int(batch["attention_mask"][r].sum()) == n and int(batch["cf_attention_mask"][r].sum()) == m
+    assert batch["labels"].tolist() == rows.labels[:10]
+
+
+def test_batches_cover_every_row_once_and_replay_per_seed() -> None:
+    rows = _rows(75)
+    order = [b["input_ids"][:, :3].tolist() for b in sf.Batches(rows, 8, PAD, seed=3)]
+    again = [b["input_ids"][:, :3].tolist() for b in sf.Batches(rows, 8, PAD, seed=3)]
+    assert order == again
+    seen = sorted(tuple(r) for b in sf.Batches(rows, 8, PAD, seed=3) for r in b["labels"].unsqueeze(1).tolist())
+    assert len(seen) == 75 and len(sf.Batches(rows, 8, PAD)) == 10
+    assert sf.method_seed(0, "CDA") != sf.method_seed(0, "CLP") != sf.method_seed(1, "CLP")
+
+
+def test_group_balanced_repeats_every_group_to_the_largest() -> None:
+    rows = _rows(60)
+    bal = sf.group_balanced(rows, seed=0)
+    groups = np.asarray(bal.labels) * 2 + np.asarray(bal.identity)
+    counts = [int((groups == g).sum()) for g in range(4)]
+    assert len(set(counts)) == 1
+    orig = np.asarray(rows.labels) * 2 + np.asarray(rows.identity)
+    assert counts[0] == max(int((orig == g).sum()) for g in range(4))
+
+
+def test_evaluate_matches_a_naive_loop() -> None:
+    model, rows = _tiny_bert(), _rows(50)
+    data = _data(rows)
+    got = sf.evaluate(model, rows, data, batch_size=7)
+    probs, cf_probs = [], []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            probs.append(float(model(input_ids=torch.tensor([rows.ids[i]])).logits.softmax(-1)[0, 1]))
+            cf_probs.append(float(model(input_ids=torch.tensor([rows.cf_ids[i]])).logits.softmax(-1)[0, 1]))
+    pred = [int(p > 0.5) for p in probs]
+    y, a = rows.labels, rows.identity
+    assert got["acc"] == pytest.approx(np.mean([p == t for p, t in zip(pred, y)]), abs=1e-6)
+    recalls = [np.mean([p == c for p, t in zip(pred, y) if t == c]) for c in (0, 1)]
+    assert got["bal_acc"] == pytest.approx(np.mean(recalls), abs=1e-6)
+    pairs = [i for i in range(len(rows)) if rows.paired[i]]
+    assert got["flip_rate"] == pytest.approx(np.mean([pred[i] != int(cf_probs[i] > 0.5) for i in pairs]), abs=1e-6)
+    assert got["prob_change"] == pytest.approx(np.mean([abs(probs[i] - cf_probs[i]) for i in pairs]), abs=1e-5)
+
+    def fpr(group: int) -> float:
+        return float(np.mean([p for p, t, g in zip(pred, y, a) if t == 0 and g == group]))
+
+    assert got["fpr_gap"] == pytest.approx(fpr(1) - fpr(0), abs=1e-6)
+    assert got["bias_amp"] == pytest.approx(np.mean([p for p, g in zip(pred, a) if g == 1]) - 0.6, abs=1e-6)
+
+
+def test_cda_and_kl_losses_match_their_definitions() -> None:
+    from icp_lightning import counterfactual_kl
+
+    model, rows = _tiny_bert(), _rows(16)
+    batch = sf.collate(rows, list(range(16)), PAD)
+    logits = model(**sf.inputs_of(batch)).logits
+    cf_logits = model(**sf.inputs_of(batch, "cf_")).logits
+    paired = batch["paired"] == 1
+    ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+    cf_ce = F.cross_entropy(cf_logits[paired], batch["labels"][paired], reduction="none")
+    expected = (ce.sum() + cf_ce.sum()) / (len(ce) + len(cf_ce))
+    assert float(sf.cda_loss(model, batch)) == pytest.approx(float(expected), rel=1e-5)
+    kl = counterfactual_kl(logits[paired], cf_logits[paired])
+    assert float(sf.kl_loss(2.0)(model, batch)) == pytest.approx(float(ce.mean() + 2.0 * kl), rel=1e-5)
+
+
+def test_oriented_pairs_put_the_more_hateful_side_first() -> None:
+    model, rows = _tiny_bert(), _rows(40)
+    data = _data(rows)
+    pairs = sf.oriented_pairs(model, rows, data, n=100, seed=0)
+    assert len(pairs) == sum(rows.paired)
+    with torch.no_grad():
+        for x, c in zip(pairs.ids, pairs.cf_ids):
+            px = float(model(input_ids=torch.tensor([x])).logits.softmax(-1)[0, 1])
+            pc = float(model(input_ids=torch.tensor([c])).logits.softmax(-1)[0, 1])
+            assert px >= pc - 1e-6
+
+
+def test_prune_heads_zeroes_exactly_the_top_k_and_select_respects_accuracy() -> None:
+    from icp_lightning import find_sites
+    from icp_lightning.core.masks import get_masks
+
+    model = _tiny_bert()
+    sites = find_sites(model, granularity="head")
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(sites[n].n_features, generator=g) for n in sites}
+    chosen = sf.prune_heads(model, sites, scores, 3)
+    flat = sorted(((float(scores[n][i]), n, i) for n in sites for i in range(sites[n].n_features)), reverse=True)
+    assert set(chosen) == {(n, i) for _, n, i in flat[:3]}
+    masks = get_masks(model)
+    assert {(n, i) for n in masks for i in range(len(masks[n])) if float(masks[n][i]) == 0} == set(chosen)
+    erm = {"acc": 0.80}
+    cands = {"a": {"acc": 0.78, "prob_change": 0.01}, "b": {"acc": 0.795, "prob_change": 0.05},
+             "c": {"acc": 0.81, "prob_change": 0.09}}  # fmt: skip
+    assert sf.select(cands, erm) == "b"  # "a" is more than a point below ERM
+    assert sf.select({"a": cands["a"]}, erm) == "a"  # none qualifies: the most accurate
+
+
+def test_icp_scores_rank_heads_by_the_paired_swap_effect() -> None:
+    from icp_lightning import causal_effects, find_sites
+
+    model, rows = _tiny_bert(), _rows(40)
+    data = _data(rows)
+    args = argparse.Namespace(attr_pairs=64)
+    scores = sf.icp_scores(model, data, args, seed=0)
+    sites = find_sites(model, granularity="head")
+    pairs = sf.oriented_pairs(model, rows, data, 64, 0)
+    swap = causal_effects(model, sf.Batches(pairs, 32, PAD), sites, "swap", metric=sf.hate_margin,
+                          method="gradient", partner="paired", progress=False)  # fmt: skip
+    for n in sites:
+        torch.testing.assert_close(scores["pairs"][n].float(), -swap[n].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_combine_builds_the_report_from_parts(tmp_path: Path) -> None:
+    names = list(sf.BASELINES) + [sf.ICP_MAIN, "ICP prune 6 heads (pairs score) + KL epoch"]
+
+    def res(seed: int, shift: float) -> dict[str, float]:
+        return {m: 0.5 + 0.01 * seed + shift for m in sf.METRICS}
+
+    for seed in range(2):
+        part = {"seed": seed, "results": {n: res(seed, 0.1 if n == "ERM" else 0.0) for n in names},
+                "costs": {n: {"seconds": 1.0, "peak_rss_mb": 10.0} for n in names},
+                "icp_choice": {"score": "pairs", "k": 6, "refit": False, "val_candidates": {}},
+                "sizes": {}, "reference_p_hate_given_mention": 0.7, "removed": {}}  # fmt: skip
+        sf.write_atomic(sf.part_path(tmp_path, seed), json.dumps(part))
+    summary = sf.combine(tmp_path, argparse.Namespace())
+    assert summary["seeds"] == [0, 1]
+    d = summary["paired"]["ERM"]["flip_rate"]
+    assert d["icp_minus_base"] == pytest.approx([-0.1, -0.1]) and d["wins"] == 2
+    assert (tmp_path / "setting_f.md").is_file() and (tmp_path / "setting_f.png").is_file()
+    assert "ICP prune k heads + KL epoch" in summary["table"]
