@@ -63,7 +63,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from icp_lightning.core.effect_metrics import target_logprob  # noqa: E402
 from icp_lightning.core.effects import Effects, causal_effects  # noqa: E402
-from icp_lightning.core.masks import apply_masks, remove_masks  # noqa: E402
+from icp_lightning.core.masks import temporary_masks  # noqa: E402
 from icp_lightning.core.sites import Sites, find_sites  # noqa: E402
 from icp_lightning.metrics.lm import score_token_ids  # noqa: E402
 
@@ -212,15 +212,12 @@ def prune_values(sites: Sites, ranking: Ranking, k: int, factor: float = 0.0) ->
 
 @contextlib.contextmanager
 def edited(model: torch.nn.Module, sites: Sites, values: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
-    """Masks installed while inside (``None``: the unedited model), removed in ``finally``."""
+    """Masks installed while inside (``None``: the unedited model); weights restored bit for bit after."""
     if values is None:
         yield
         return
-    apply_masks(model, sites, values)
-    try:
+    with temporary_masks(model, sites, values):
         yield
-    finally:
-        remove_masks(model)
 
 
 @torch.no_grad()

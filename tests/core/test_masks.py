@@ -28,8 +28,10 @@ from icp_lightning.core.masks import (
     make_permanent,
     masks_folded,
     remove_masks,
+    restore_masks,
     save_slimmed,
     slim,
+    temporary_masks,
 )
 from icp_lightning.core.sites import find_sites
 from tests.conftest import tiny_batch, tiny_model
@@ -159,15 +161,15 @@ def test_head_mask_covers_its_group_of_columns(arch):
     sites = find_sites(model, granularity="head")
     values = {name: torch.tensor([1.0, 0.0, 0.25, 1.0]) for name in sites}
     ref = _scaled_reference(model, sites, values)
+    original = {name: site.module.weight.detach().clone() for name, site in sites.items()}
     apply_masks(model, sites, values)
     torch.testing.assert_close(_logits(model, arch, batch), _logits(ref, arch, batch), atol=1e-6, rtol=1e-5)
     for name, site in sites.items():
         assert site.group_size == 8
         assert get_masks(model)[name].shape == (4,)
         ew = effective_weight(site.module)
-        weight = site.module.weight.detach()
-        weight = weight.t() if site.transposed else weight
-        torch.testing.assert_close(ew, weight * site.expand(values[name]), atol=0, rtol=0)
+        weight = original[name].t() if site.transposed else original[name]
+        torch.testing.assert_close(ew, weight * site.expand(values[name]), atol=1e-7, rtol=1e-6)
         assert ew[:, 8:16].abs().sum() == 0 and ew[:, 16:24].abs().sum() > 0
 
 
@@ -209,36 +211,48 @@ def test_bad_values_raise_and_install_nothing():
         apply_masks(model, heads, {a: torch.ones(32)})
 
 
-def test_apply_again_replaces_the_mask():
+def test_apply_again_replaces_the_mask_cumulatively():
     model = tiny_model("llama")
     batch = tiny_batch("llama")
     sites = find_sites(model)
     first = _random_values(sites, seed=1)
-    second = _random_values(sites, seed=2)
+    second = {n: v * _random_values(sites, seed=2)[n] for n, v in first.items()}  # masks are cumulative
+    ref = _scaled_reference(model, sites, second)
     apply_masks(model, sites, first)
     apply_masks(model, sites, second)
-    ref = _scaled_reference(model, sites, second)
     torch.testing.assert_close(
         _logits(model, "llama", batch), _logits(ref, "llama", batch), atol=1e-6, rtol=1e-5
     )
     assert all(torch.equal(get_masks(model)[n], second[n]) for n in sites)
     # one hook per module, whatever the number of calls
     assert all(len(site.module._forward_pre_hooks) == 1 for site in sites.values())
+    # a pruned feature cannot come back: its weights are zero
+    name = sites.names[0]
+    revived = torch.ones(sites[name].n_features)
+    with pytest.raises(ValueError, match="are pruned .* cannot be given a mask above 0"):
+        apply_masks(model, sites, {name: revived})
+    assert torch.equal(get_masks(model)[name], second[name])  # nothing changed
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_remove_masks_restores_bit_identical_outputs(arch):
+def test_remove_masks_keeps_the_pruning_and_temporary_masks_restore_bit_for_bit(arch):
     model = tiny_model(arch)
     batch = tiny_batch(arch)
     before = _logits(model, arch, batch)
     keys = set(model.state_dict())
     sites = find_sites(model)
-    apply_masks(model, sites, _random_values(sites))
+    values = _random_values(sites)
+    with temporary_masks(model, sites, values):
+        masked = _logits(model, arch, batch)
+        assert not torch.equal(masked, before)
+    assert torch.equal(_logits(model, arch, batch), before)  # weights and guards restored bit for bit
+    assert get_masks(model) == {} and all(not mod._forward_pre_hooks for mod in model.modules())
+    apply_masks(model, sites, values)
+    assert set(model.state_dict()) == keys  # the guards are not in the state dict
     clone = copy.deepcopy(model)  # removal must not depend on stored hook handles
-    assert not torch.equal(_logits(model, arch, batch), before)
     for m in (model, clone):
         remove_masks(m)
-        assert torch.equal(_logits(m, arch, batch), before)
+        assert torch.equal(_logits(m, arch, batch), masked)  # the pruning lives in the weights
         assert set(m.state_dict()) == keys
         assert all(not mod._forward_pre_hooks for mod in m.modules())
         assert get_masks(m) == {}
@@ -393,9 +407,11 @@ def test_wrapped_model_masks_are_named_as_unwrapped_and_fold():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
     assert list(get_masks(model)) == sites.names
     fresh = wrap_layers(tiny_model("bert", seed=1))
-    # Unwrapped keys, as FSDP1's own state dicts write them; the stand-in wrapper lacks FSDP's hooks that rename
-    # keys for load_state_dict, so only the masks (installed by load_masks_state itself) are checked here.
-    load_masks_state(fresh, plain.state_dict(), strict=False)
+    # Unwrapped keys, as FSDP1's own state dicts write them (a legacy state dict with mask keys); the stand-in
+    # wrapper lacks FSDP's hooks that rename keys for load_state_dict, so only the masks (installed by
+    # load_masks_state itself) are checked here.
+    legacy = {**plain.state_dict(), **{f"{n}.{MASK_BUFFER}": v for n, v in values.items()}}
+    load_masks_state(fresh, legacy, strict=False)
     loaded = get_masks(fresh)
     assert list(loaded) == sites.names
     assert all(torch.equal(loaded[n], values[n]) for n in sites)
@@ -426,20 +442,29 @@ def test_state_dict_into_fresh_model_gives_identical_outputs(arch, granularity):
     batch = tiny_batch(arch)
     sites = find_sites(model, granularity=granularity)
     values = _random_values(sites, seed=7, soft=True)
+    unpruned = model.state_dict()
+    unpruned = {k: v.clone() for k, v in unpruned.items()}
     apply_masks(model, sites, values)
     state = model.state_dict()
-    assert {f"{n}.{MASK_BUFFER}" for n in sites} <= set(state)
+    assert not any(k.endswith(MASK_BUFFER) for k in state)
     fresh = tiny_model(arch, seed=1)  # other weights, no masks
-    with pytest.raises(RuntimeError, match="icp_mask"):
-        fresh.load_state_dict(state)
-    load_masks_state(fresh, state)
+    fresh.load_state_dict(state)  # strict, plain torch
     assert torch.equal(_logits(fresh, arch, batch), _logits(model, arch, batch))
-    assert get_masks(fresh).keys() == get_masks(model).keys()
-    assert all(torch.equal(get_masks(fresh)[n], values[n]) for n in sites)
-    # a state dict without masks removes the masks of the model it is loaded into
-    remove_masks(model)
-    load_masks_state(fresh, model.state_dict())
-    assert get_masks(fresh) == {}
+    hard = {n: (v != 0).float() for n, v in values.items()}
+    restored = restore_masks(fresh, find_sites(fresh, granularity=granularity))
+    assert restored.keys() == {n for n, v in hard.items() if (v == 0).any()}
+    assert all(torch.equal(restored[n], hard[n]) for n in restored)
+    # A legacy state dict (icp_lightning < 0.2): unfolded weights plus mask keys; load_masks_state folds them.
+    legacy = {**unpruned, **{f"{n}.{MASK_BUFFER}": v for n, v in values.items()}}
+    older = tiny_model(arch, seed=2)
+    with pytest.raises(RuntimeError, match="icp_mask"):
+        older.load_state_dict(legacy)
+    load_masks_state(older, legacy)
+    torch.testing.assert_close(_logits(older, arch, batch), _logits(model, arch, batch), atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(get_masks(older)[n], values[n]) for n in sites)
+    # a state dict without mask keys removes the guards of the model it is loaded into
+    load_masks_state(older, state)
+    assert get_masks(older) == {}
     with pytest.raises(ValueError, match="no linear module"):
         load_masks_state(fresh, {"bert.nothing.icp_mask": torch.ones(3)})
 
