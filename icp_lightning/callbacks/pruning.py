@@ -2,7 +2,8 @@ r"""CausalPruningCallback: prune (or reweight) the most spurious features right 
 
 The pruning callback does not compute anything itself: it registers as a listener of a
 :class:`~icp_lightning.callbacks.attribution.CausalAttributionCallback` in ``setup`` and, each time that callback
-has new scores, chooses features with :func:`select_masks` and installs the masks with
+has new scores, chooses features with ``select_fn`` (default :func:`~icp_lightning.core.selection.select_masks`,
+the one selection function of the package, re-exported here) and installs the masks with
 :func:`~icp_lightning.core.masks.apply_masks` (an input mask per site, so training cannot revive a pruned
 feature). It runs inside the attribution callback's hook, right after the scores are computed, whatever the
 order of the callbacks in ``Trainer(callbacks=...)``.
@@ -66,186 +67,20 @@ from icp_lightning.core.masks import (
     make_permanent,
     restore_masks,
 )
-from icp_lightning.core.sites import named_modules
+from icp_lightning.core.selection import (
+    MODES,
+    SCOPES,
+    check_amount,
+    default_factor,
+    select_masks,
+)
+from icp_lightning.core.sites import check_scores_fit, named_modules
 
 __all__ = ["CausalPruningCallback", "default_factor", "select_masks"]
 
 Amount = int | float | Callable[[int], int | float]
-_SCOPES = ("global", "per_site")
-_MODES = ("hard", "soft")
-
-
-def default_factor(z: Tensor) -> Tensor:
-    """The default soft-pruning factor ``1 - sigmoid(z)`` of a standardized score ``z``: in (0, 1), 0.5 at the mean.
-
-    Example:
-        >>> default_factor(torch.tensor([-2.0, 0.0, 2.0]))
-        tensor([0.8808, 0.5000, 0.1192])
-    """
-    return torch.sigmoid(-z)
-
-
-def _check_amount(amount: Any, where: str = "amount") -> int | float:
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-        raise ValueError(
-            f"{where} must be an int >= 0 (a count), a float in [0, 1] (a fraction) or a callable of the round "
-            f"number returning one of those, got {amount!r}"
-        )
-    if isinstance(amount, int):
-        if amount < 0:
-            raise ValueError(f"{where} as a count must be >= 0, got {amount}")
-        return amount
-    if not math.isfinite(amount) or not 0.0 <= amount <= 1.0:
-        raise ValueError(
-            f"{where} as a float is a fraction of the remaining features and must lie in [0, 1], got {amount}; "
-            "pass an int for a number of features"
-        )
-    return float(amount)
-
-
-def _count(amount: int | float, available: int) -> int:
-    if isinstance(amount, int):
-        return min(amount, available)
-    return min(available, int(round(amount * available)))
-
-
-def _standardize(values: Tensor) -> Tensor:
-    if values.numel() < 2:
-        return torch.zeros_like(values)
-    std = values.std(unbiased=False)
-    if not torch.isfinite(std) or std == 0:
-        return torch.zeros_like(values)
-    return (values - values.mean()) / std
-
-
-def select_masks(
-    scores: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
-    *,
-    threshold: float | None = None,
-    amount: int | float | None = None,
-    scope: Literal["global", "per_site"] = "global",
-    min_keep: int = 1,
-    mode: Literal["hard", "soft"] = "hard",
-    factor_fn: Callable[[Tensor], Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """The next masks: the current ``masks`` with the most spurious remaining features pruned (or reweighted).
-
-    Candidates are the features whose current mask is above 0 and whose score is finite. Among them:
-    ``threshold`` selects those scoring strictly above it (``scope`` makes no difference); ``amount`` selects
-    the highest-scoring ``amount`` features (an int: a count; a float: that fraction of the candidates,
-    rounded), over all sites together (``scope="global"``) or in each site (``"per_site"``); ties go to the
-    earlier site and feature. ``mode="hard"`` sets the selected features to 0; ``mode="soft"`` multiplies
-    their mask by ``factor_fn(z)``, ``z`` being their score standardized over the candidates (of all sites, or of
-    their site with ``"per_site"``), default :func:`default_factor`. Then every site keeps at least
-    ``min_keep`` features above 0: the lowest-scoring of its newly zeroed features get their mask back (they are
-    not replaced by other features).
-
-    Args:
-        scores: site -> ``[n_features]`` scores, higher = more spurious (e.g. a ``Scores``).
-        masks: site -> ``[n_features]`` current masks in [0, 1] (all sites to consider).
-        threshold, amount: exactly one.
-        scope, min_keep, mode, factor_fn: as above.
-
-    Returns:
-        site -> new ``[n_features]`` float32 CPU masks.
-
-    Raises:
-        ValueError: both or neither of threshold / amount, a site without scores, mismatched sizes, or factors
-            outside [0, 1].
-
-    Example:
-        >>> scores = {"a": torch.tensor([0.9, 0.1, 0.5]), "b": torch.tensor([0.8, 0.7])}
-        >>> masks = {"a": torch.ones(3), "b": torch.ones(2)}
-        >>> new = select_masks(scores, masks, amount=2)
-        >>> new["a"].tolist(), new["b"].tolist()
-        ([0.0, 1.0, 1.0], [0.0, 1.0])
-        >>> new = select_masks(scores, new, amount=2)  # cumulative: b keeps min_keep=1 feature
-        >>> new["a"].tolist(), new["b"].tolist()
-        ([0.0, 1.0, 0.0], [0.0, 1.0])
-        >>> select_masks(scores, masks, threshold=0.6, mode="soft")["b"]
-        tensor([0.3302, 0.4125])
-    """
-    if (threshold is None) == (amount is None):
-        raise ValueError("select_masks needs exactly one of threshold= or amount=")
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    names = list(masks)
-    missing = [n for n in names if n not in scores]
-    if missing:
-        raise ValueError(f"no scores for sites {missing}; scores cover {list(scores)}")
-    cur = {n: torch.as_tensor(masks[n]).detach().to("cpu", torch.float32).reshape(-1) for n in names}
-    sc = {n: torch.as_tensor(scores[n]).detach().to("cpu", torch.float64).reshape(-1) for n in names}
-    for n in names:
-        if sc[n].numel() != cur[n].numel():
-            raise ValueError(f"site {n!r} has {sc[n].numel()} scores but {cur[n].numel()} mask values")
-    elig = {n: (cur[n] > 0) & torch.isfinite(sc[n]) for n in names}
-    chosen = {n: torch.zeros_like(elig[n]) for n in names}
-
-    if threshold is not None:
-        for n in names:
-            chosen[n] = elig[n] & (sc[n] > threshold)
-    elif scope == "global":
-        assert amount is not None
-        site_of = torch.cat(
-            [torch.full((int(elig[n].sum()),), i, dtype=torch.long) for i, n in enumerate(names)]
-        )
-        feat_of = torch.cat([elig[n].nonzero().reshape(-1) for n in names])
-        values = torch.cat([sc[n][elig[n]] for n in names])
-        k = _count(amount, int(values.numel()))
-        for j in torch.argsort(values, descending=True, stable=True)[:k].tolist():
-            chosen[names[int(site_of[j])]][int(feat_of[j])] = True
-    else:
-        assert amount is not None
-        for n in names:
-            idx = elig[n].nonzero().reshape(-1)
-            k = _count(amount, int(idx.numel()))
-            top = idx[torch.argsort(sc[n][idx], descending=True, stable=True)[:k]]
-            chosen[n][top] = True
-
-    new = {n: cur[n].clone() for n in names}
-    if mode == "hard":
-        for n in names:
-            new[n][chosen[n]] = 0.0
-    else:
-        fn = factor_fn if factor_fn is not None else default_factor
-        z: dict[str, Tensor] = {}
-        if scope == "global":
-            flat = _standardize(torch.cat([sc[n][elig[n]] for n in names]))
-            for n, part in zip(names, torch.split(flat, [int(elig[n].sum()) for n in names])):
-                z[n] = torch.zeros_like(sc[n])
-                z[n][elig[n]] = part
-        else:
-            for n in names:
-                z[n] = torch.zeros_like(sc[n])
-                z[n][elig[n]] = _standardize(sc[n][elig[n]])
-        for n in names:
-            if not bool(chosen[n].any()):
-                continue
-            factors = torch.as_tensor(fn(z[n][chosen[n]].float())).detach().to("cpu", torch.float32)
-            if factors.shape != (int(chosen[n].sum()),):
-                raise ValueError(
-                    f"factor_fn must return one factor per input value (shape {[int(chosen[n].sum())]}), "
-                    f"got shape {list(factors.shape)}"
-                )
-            if not bool(torch.isfinite(factors).all()) or factors.min() < 0 or factors.max() > 1:
-                raise ValueError(
-                    f"factor_fn must return factors in [0, 1], got min {factors.min().item()}, "
-                    f"max {factors.max().item()}"
-                )
-            new[n][chosen[n]] = cur[n][chosen[n]] * factors
-
-    for n in names:  # never leave fewer than min_keep features of a site alive
-        alive = int((new[n] > 0).sum())
-        if alive >= min_keep:
-            continue
-        lost = (chosen[n] & (new[n] == 0)).nonzero().reshape(-1)
-        order = lost[torch.argsort(sc[n][lost], stable=True)]
-        for i in order[: min_keep - alive].tolist():
-            new[n][i] = cur[n][i]
-    return new
+_SCOPES = SCOPES
+_MODES = MODES
 
 
 class CausalPruningCallback(Callback):
@@ -253,14 +88,22 @@ class CausalPruningCallback(Callback):
 
     Args:
         threshold: prune the remaining features whose score is above this tau.
-        amount: how many of the remaining features to prune each round: an int (a count), a float in [0, 1] (a
-            fraction of the remaining features) or a callable ``amount(round) -> int | float`` of the pruning
-            round (0, 1, 2, ...). Exactly one of ``threshold`` / ``amount``.
+        amount: how many of the remaining features to prune each round: an int (a count; 0 prunes nothing), a
+            float in (0, 1) (a fraction of the remaining features; ``1.0`` is an error: pass ``1`` for one
+            feature) or a callable ``amount(round) -> int | float`` of the pruning round (0, 1, 2, ...). Exactly
+            one of ``threshold`` / ``amount``. Same meaning as ``icp prune --amount`` (see
+            :mod:`icp_lightning.core.selection`).
         scope: ``"global"`` (rank all sites' features together) or ``"per_site"`` (``amount`` in every site).
         min_keep: every site keeps at least this many features (1: a site is never emptied).
         mode: ``"hard"`` (mask 0) or ``"soft"`` (multiply the mask by a factor in [0, 1] computed from the
             standardized score, ``factor_fn(z)``, default ``1 - sigmoid(z)``; see :func:`select_masks`).
         factor_fn: the soft factor, a function of a tensor of standardized scores (``mode="soft"`` only).
+        select_fn: the selection itself, like ``ModelPruning``'s ``pruning_fn``: called each round as
+            ``select_fn(scores, current_masks, threshold=, amount=, scope=, min_keep=, mode=, factor_fn=)``
+            (``amount`` already evaluated for the round) and returning site -> new ``[n_features]`` masks in
+            [0, 1] for the sites of ``current_masks``. Default
+            :func:`~icp_lightning.core.selection.select_masks`; wrap it to change the choice, e.g. to protect
+            some sites.
         make_permanent: fold the masks into the weights at the end of ``fit`` (``on_fit_end``) and remove them.
         attribution: the attribution callback to follow; ``None``: the only one in ``trainer.callbacks``.
         verbose: print a line per round (rank 0).
@@ -289,6 +132,7 @@ class CausalPruningCallback(Callback):
         min_keep: int = 1,
         mode: Literal["hard", "soft"] = "hard",
         factor_fn: Callable[[Tensor], Tensor] | None = None,
+        select_fn: Callable[..., Mapping[str, Tensor]] | None = None,
         make_permanent: bool = False,
         attribution: CausalAttributionCallback | None = None,
         verbose: bool = True,
@@ -305,7 +149,7 @@ class CausalPruningCallback(Callback):
         ):
             raise ValueError(f"threshold must be a finite number (tau), got {threshold!r}")
         if amount is not None and not callable(amount):
-            amount = _check_amount(amount)
+            amount = check_amount(amount)
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
         if mode not in _MODES:
@@ -316,6 +160,11 @@ class CausalPruningCallback(Callback):
             raise ValueError(f"factor_fn must be a callable z -> factors in [0, 1], got {factor_fn!r}")
         if factor_fn is not None and mode != "soft":
             raise ValueError("factor_fn only applies to mode='soft'; pass mode='soft' or drop factor_fn")
+        if select_fn is not None and not callable(select_fn):
+            raise ValueError(
+                "select_fn must be a callable (scores, masks, *, threshold, amount, scope, min_keep, mode, "
+                f"factor_fn) -> masks, like icp_lightning.core.selection.select_masks; got {select_fn!r}"
+            )
         if attribution is not None and not isinstance(attribution, CausalAttributionCallback):
             raise ValueError(
                 f"attribution must be a CausalAttributionCallback (or None to find it among the trainer's "
@@ -327,6 +176,9 @@ class CausalPruningCallback(Callback):
         self.min_keep = min_keep
         self.mode: Literal["hard", "soft"] = mode
         self.factor_fn = factor_fn
+        self.select_fn: Callable[..., Mapping[str, Tensor]] = (
+            select_fn if select_fn is not None else select_masks
+        )
         self.make_permanent = bool(make_permanent)
         self.attribution = attribution
         self.verbose = verbose
@@ -451,16 +303,11 @@ class CausalPruningCallback(Callback):
     def _amount_for(self, round_index: int) -> int | float | None:
         if self.amount is None or not callable(self.amount):
             return self.amount
-        return _check_amount(self.amount(round_index), where=f"amount({round_index})")
+        return check_amount(self.amount(round_index), where=f"amount({round_index})")
 
-    def _on_attribution(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, attribution: CausalAttributionCallback
-    ) -> None:
-        """Listener: prune from the attribution callback's new scores (every rank)."""
-        sites, scores = attribution.sites, attribution.scores
-        assert sites is not None and scores is not None
-        current = {n: self.masks.get(n, torch.ones(s.n_features)) for n, s in sites.items()}
-        new = select_masks(
+    def _select(self, scores: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This round's masks from ``select_fn``, checked: one ``[n_features]`` mask in [0, 1] per site."""
+        new = self.select_fn(
             scores,
             current,
             threshold=self.threshold,
@@ -470,6 +317,29 @@ class CausalPruningCallback(Callback):
             mode=self.mode,
             factor_fn=self.factor_fn,
         )
+        out: dict[str, Tensor] = {}
+        for name, mask in current.items():
+            value = new.get(name) if isinstance(new, Mapping) else None
+            if value is None:
+                raise ValueError(f"select_fn returned no mask for site {name!r}; it must return one per site")
+            value = torch.as_tensor(value).detach().to("cpu", torch.float32).reshape(-1)
+            if value.numel() != mask.numel() or not bool(((value >= 0) & (value <= 1)).all()):
+                raise ValueError(
+                    f"select_fn returned a mask for site {name!r} of {value.numel()} values (want {mask.numel()}) "
+                    "or with values outside [0, 1]"
+                )
+            out[name] = value
+        return out
+
+    def _on_attribution(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, attribution: CausalAttributionCallback
+    ) -> None:
+        """Listener: prune from the attribution callback's new scores (every rank)."""
+        sites, scores = attribution.sites, attribution.scores
+        assert sites is not None and scores is not None
+        current = {n: self.masks.get(n, torch.ones(s.n_features)) for n, s in sites.items()}
+        check_scores_fit(scores, sites)
+        new = self._select(scores, current)
         new = trainer.strategy.broadcast(new, src=0)  # identical on every rank, whatever happened locally
         with torch.inference_mode(False), self._full_params(trainer, pl_module):
             apply_masks(attribution.model_of(pl_module), sites, new, optimizers=trainer.optimizers)

@@ -365,3 +365,142 @@ def _short(names: Sequence[str], limit: int = 40) -> str:
     if len(names) <= limit:
         return str(list(names))
     return str(list(names[:limit]))[:-1] + f", ... ({len(names) - limit} more)]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores and the model they belong to
+
+
+def model_description(model: nn.Module) -> dict[str, str | None]:
+    """``{"model_type": ..., "model_class": ...}`` of a (possibly PEFT-wrapped) model, for scores' metadata.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
+        >>> model_description(transformers.GPT2LMHeadModel(cfg))
+        {'model_type': 'gpt2', 'model_class': 'GPT2LMHeadModel'}
+    """
+    base = model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        base = get_base()
+    return {"model_type": _model_type(base), "model_class": type(base).__name__}
+
+
+def _size_of(value: object) -> int:
+    if isinstance(value, Site):
+        return value.n_features
+    if isinstance(value, int):
+        return value
+    return int(torch.as_tensor(value).numel())
+
+
+def check_scores_fit(
+    scores: Mapping[str, object],
+    sites: Mapping[str, Site] | Mapping[str, int],
+    granularity: str | None = None,
+) -> None:
+    """Raise unless every scored site is among ``sites`` with as many features as it has scores.
+
+    Every caller that applies scores to a model (the pruning callback, ``icp prune``, the module's
+    ``set_scores``, :func:`~icp_lightning.core.selection.select_masks`) checks them here, so scores of another
+    model (or another granularity) always fail the same way.
+
+    Args:
+        scores: site -> ``[n_features]`` scores (a ``Scores`` or a plain dict of tensors).
+        sites: the model's ``Sites``, or site -> feature count (e.g. the current masks' sizes).
+        granularity: the scores' granularity, for the message (default: read from ``scores.meta``).
+
+    Raises:
+        ValueError: "scores were computed for a different model: ..." naming the site and both sizes.
+
+    Example:
+        >>> check_scores_fit({"a": torch.zeros(3)}, {"a": 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: scores were computed for a different model: site 'a' has 3 scores but 4 features in this model
+    """
+    meta = getattr(scores, "meta", None) or {}
+    g = granularity or meta.get("granularity")
+    model_g = getattr(sites, "granularity", None)
+    unknown = [n for n in scores if n not in sites]
+    if unknown:
+        raise ValueError(
+            f"scores were computed for a different model: they name sites {_short(unknown, 5)} that this model "
+            f"does not have (its sites: {_short(list(sites), 5)})"
+        )
+    for name in scores:
+        have, want = _size_of(scores[name]), _size_of(sites[name])
+        if have != want:
+            detail = ""
+            if g is not None or model_g is not None:
+                detail = (
+                    f" (scores at {g or 'unknown'} granularity, sites at {model_g or 'unknown'} granularity)"
+                )
+            raise ValueError(
+                f"scores were computed for a different model: site {name!r} has {have} scores but {want} "
+                f"features in this model{detail}"
+            )
+
+
+def sites_for_scores(
+    model: nn.Module, scores: Mapping[str, object], granularity: Granularity | None = None
+) -> Sites:
+    """The sites of ``model`` that ``scores`` refer to, rebuilt from the scores' metadata.
+
+    Reads ``scores.meta["granularity"]`` (written by :func:`~icp_lightning.core.scores.spuriousness` and the
+    attribution callback) and checks ``scores.meta["model_type"]`` against the model's, then each site's size.
+
+    Args:
+        model: the model to apply the scores to.
+        scores: a ``Scores`` (with metadata) or a plain dict.
+        granularity: only for scores without metadata (files of icp_lightning < 0.2, or plain dicts): the
+            granularity they were computed at. Scores whose metadata says otherwise raise.
+
+    Returns:
+        The scored sites, in model order.
+
+    Raises:
+        ValueError: no granularity (old files: pass ``granularity=``), another ``model_type``, sites the model does
+            not have, or sizes that do not fit ("scores were computed for a different model: ...").
+
+    Example:
+        >>> import transformers
+        >>> from icp_lightning.core.scores import Scores
+        >>> cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
+        >>> model = transformers.GPT2LMHeadModel(cfg)
+        >>> name = "transformer.h.0.attn.c_proj"
+        >>> scores = Scores({name: torch.zeros(2)}, {name: torch.ones(2)},
+        ...                 {"granularity": "head", "model_type": "gpt2"})
+        >>> sites_for_scores(model, scores)[name].group_size
+        8
+    """
+    meta = getattr(scores, "meta", None) or {}
+    saved = meta.get("granularity")
+    if saved is not None and granularity is not None and saved != granularity:
+        raise ValueError(
+            f"the scores were computed at {saved!r} granularity, not {granularity!r}: drop granularity="
+        )
+    g = saved or granularity
+    if g is None:
+        raise ValueError(
+            "these scores do not say their granularity (a file written before icp_lightning 0.2, or a plain dict): "
+            "recompute them with `icp attribute` (or the attribution callback), or in Python pass "
+            "sites_for_scores(model, scores, granularity='neuron' | 'head')"
+        )
+    want_type = meta.get("model_type")
+    have = model_description(model)
+    if want_type is not None and have["model_type"] is not None and want_type != have["model_type"]:
+        raise ValueError(
+            f"scores were computed for a different model: model_type {want_type!r} "
+            f"({meta.get('model_class')}), this model is {have['model_type']!r} ({have['model_class']})"
+        )
+    names = list(scores)
+    if not names:
+        raise ValueError("the scores name no site")
+    try:
+        found = find_sites(model, target_modules=names, granularity=g)
+    except ValueError as err:
+        raise ValueError(f"scores were computed for a different model: {err}") from None
+    check_scores_fit(scores, found, g)
+    return found.subset(names)

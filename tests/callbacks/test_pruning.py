@@ -39,13 +39,13 @@ ATTR = dict(progress=False, max_batches=1)
         ({}, "give exactly one of threshold= .* not neither"),
         ({"threshold": 0.1, "amount": 3}, "give exactly one of threshold= .* not both"),
         ({"threshold": float("inf")}, "threshold must be a finite number"),
-        (
-            {"amount": 1.5},
-            r"fraction of the remaining features and must lie in \[0, 1\], got 1.5; pass an int",
-        ),
-        ({"amount": -2}, "amount as a count must be >= 0"),
-        ({"amount": True}, "amount must be an int >= 0"),
-        ({"amount": "10%"}, "amount must be an int >= 0 .* a float in \\[0, 1\\]"),
+        ({"amount": 1.5}, r"amount=1.5: pass an int for a count or a fraction in \(0, 1\)"),
+        ({"amount": 1.0}, r"amount=1.0: pass an int for a count or a fraction in \(0, 1\)"),
+        ({"amount": 0.0}, r"amount=0.0: pass an int for a count or a fraction in \(0, 1\)"),
+        ({"amount": -2}, "amount=-2: a count must be >= 0"),
+        ({"amount": True}, "amount=True: pass an int for a count or a fraction in \\(0, 1\\)"),
+        ({"amount": "10%"}, "amount='10%': pass an int for a count or a fraction in \\(0, 1\\)"),
+        ({"amount": 0.1, "select_fn": 3}, "select_fn must be a callable"),
         ({"amount": 0.1, "scope": "layer"}, r"scope must be one of \('global', 'per_site'\)"),
         ({"amount": 0.1, "mode": "medium"}, r"mode must be one of \('hard', 'soft'\)"),
         ({"amount": 0.1, "min_keep": -1}, "min_keep must be an int >= 0"),
@@ -78,7 +78,7 @@ def _random_case(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     sizes = {"a": 7, "b": 5, "c": 9}
     scores = {n: torch.randn(k, generator=gen) for n, k in sizes.items()}
-    scores["c"][2] = float("nan")  # never computed: not a candidate
+    scores["a"][1] = float("nan")  # a pruned feature: not a candidate, so its NaN is never looked at
     masks = {n: torch.ones(k) for n, k in sizes.items()}
     masks["a"][[1, 4]] = 0.0  # pruned before
     masks["b"][0] = 0.0
@@ -101,7 +101,7 @@ def _naive_hard(scores, masks, chosen):
     return new
 
 
-@pytest.mark.parametrize("amount", [0, 3, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("amount", [0, 3, 0.25, 0.5, 100])
 def test_global_amount_matches_a_naive_ranking(amount):
     scores, masks = _random_case()
     cands = _candidates(scores, masks)
@@ -110,9 +110,8 @@ def test_global_amount_matches_a_naive_ranking(amount):
     expected = _naive_hard(scores, masks, [(n, i) for _, n, i in ranked])
     got = select_masks(scores, masks, amount=amount, min_keep=0)
     assert all(torch.equal(got[n], expected[n]) for n in masks)
-    if amount == 1.0:
-        assert all(bool((got[n] == 0).all()) for n in ("a", "b"))
-        assert got["c"][2] == 1.0  # the NaN one is never a candidate
+    if amount == 100:  # a count above the candidates: all of them
+        assert all(bool((got[n] == 0).all()) for n in ("a", "b", "c"))
 
 
 @pytest.mark.parametrize("amount", [1, 2, 0.5])
@@ -335,3 +334,29 @@ def test_resume_from_checkpoint_gives_identical_masks_scores_and_weights(tmp_pat
     for name, mask in prune_b.masks.items():
         w = effective_weight(attr_b.sites[name].module)
         assert w[:, mask == 0].abs().max() == 0
+
+
+def test_select_fn_replaces_the_selection_and_gets_the_round_settings(tmp_path):
+    calls = []
+
+    def protect_attention(scores, masks, **kwargs):
+        calls.append(kwargs)
+        ffn = {n: m for n, m in masks.items() if "attention" not in n}
+        new = select_masks({n: scores[n] for n in ffn}, ffn, **kwargs)
+        return {**{n: m.clone() for n, m in masks.items()}, **new}
+
+    attribution = CausalAttributionCallback(**ATTR)
+    pruning = CausalPruningCallback(amount=3, select_fn=protect_attention, verbose=False)
+    module = TinyClassifier()
+    trainer(tmp_path, [attribution, pruning], max_epochs=1, limit_train_batches=1).fit(module)
+    assert calls == [dict(threshold=None, amount=3, scope="global", min_keep=1, mode="hard", factor_fn=None)]
+    masks = get_masks(module.model)
+    assert sum(int((m == 0).sum()) for n, m in masks.items() if "attention" not in n) == 3
+    assert all(bool((m == 1).all()) for n, m in masks.items() if "attention" in n)
+
+
+def test_select_fn_must_return_a_mask_per_site(tmp_path):
+    attribution = CausalAttributionCallback(**ATTR)
+    pruning = CausalPruningCallback(amount=3, select_fn=lambda scores, masks, **kw: {}, verbose=False)
+    with pytest.raises(ValueError, match="select_fn returned no mask for site"):
+        trainer(tmp_path, [attribution, pruning], max_epochs=1, limit_train_batches=1).fit(TinyClassifier())

@@ -114,7 +114,7 @@ def test_select_features_threshold_top_k_nan() -> None:
     sites = ffn_sites(model)
     a, b = sites.names
     scores = {
-        a: torch.tensor([0.1, 0.9, float("nan"), 0.0, 0.3, 0.0, 0.0, 0.0]),
+        a: torch.tensor([0.1, 0.9, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0]),
         b: torch.tensor([0.0, 0.0, 0.8, 0.0, 0.0, 0.0, 0.0, -2.0]),
     }
     by_tau = select_features(scores, sites, tau_c=0.2)
@@ -126,13 +126,16 @@ def test_select_features_threshold_top_k_nan() -> None:
     positive = select_features(scores, sites)  # neither: score > 0
     assert {k: v.tolist() for k, v in positive.items()} == {a: [0, 1, 4], b: [2]}
     assert select_features(scores, sites, tau_c=5.0) == {}
+    scores[a][2] = float("nan")  # pruning and the counterfactual choice never rank a NaN
+    with pytest.raises(ValueError, match=rf"site '{a}' features \[2\]"):
+        select_features(scores, sites, top_k=2)
 
 
 def test_select_features_errors_name_the_problem() -> None:
     sites = ffn_sites(tiny_bert())
-    with pytest.raises(ValueError, match="not among the given sites"):
+    with pytest.raises(ValueError, match=r"different model: they name sites \['nope'\]"):
         select_features({"nope": torch.zeros(8)}, sites)
-    with pytest.raises(ValueError, match="have 3 entries but the site has 8"):
+    with pytest.raises(ValueError, match="different model: site .* has 3 scores but 8 features"):
         select_features({SITE: torch.zeros(3)}, sites)
 
 

@@ -25,7 +25,8 @@ from icp_lightning.core.interventions import (
     model_inputs,
     partner_permutation,
 )
-from icp_lightning.core.sites import Sites
+from icp_lightning.core.selection import select_masks
+from icp_lightning.core.sites import Sites, check_scores_fit
 
 CounterfactualName = Literal["intervention", "inversion", "token_edit", "paired", "token_swap"]
 CounterfactualKind = Literal["swap", "mask"]
@@ -83,9 +84,12 @@ def select_features(
 ) -> dict[str, torch.Tensor]:
     """The spurious features to intervene on: score > ``tau_c``, and/or the ``top_k`` highest scores.
 
+    The choice is :func:`~icp_lightning.core.selection.select_masks` (``threshold=tau_c``, ``amount=top_k``,
+    ``min_keep=0``), the same selection that prunes.
+
     Args:
-        scores: ``site name -> [n_features]`` spuriousness scores (a ``Scores`` or a plain dict); NaN never
-            selected. Every scored site must be in ``sites``.
+        scores: ``site name -> [n_features]`` spuriousness scores (a ``Scores`` or a plain dict). Every scored
+            site must be in ``sites``, with as many scores as features.
         sites: the sites the scores refer to.
         tau_c: threshold; with ``top_k`` too, the top-k among those above it. When both are ``None``: every
             feature with a positive score (``tau_c = 0``).
@@ -93,6 +97,10 @@ def select_features(
 
     Returns:
         ``site name -> sorted feature indices`` (``LongTensor``), only for sites with at least one feature.
+
+    Raises:
+        ValueError: a negative ``top_k``; scores that do not fit ``sites`` ("scores were computed for a different
+            model: ..."); NaN scores (naming the site and features).
 
     Example:
         >>> import transformers
@@ -103,43 +111,22 @@ def select_features(
         >>> select_features({"encoder.layer.0.output.dense": torch.tensor([0.1, 0.9, 0.5, -1.0])}, sites, top_k=2)
         {'encoder.layer.0.output.dense': tensor([1, 2])}
     """
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
-    unknown = [name for name in scores if name not in sites]
-    if unknown:
-        raise ValueError(
-            f"scores name sites {unknown} that are not among the given sites {sites.names}: pass the Sites the "
-            "scores were computed on (module.set_scores(scores, sites))"
-        )
-    threshold = 0.0 if tau_c is None and top_k is None else tau_c
-    index: list[tuple[str, int]] = []
-    values: list[torch.Tensor] = []
-    for name in sites:
-        if name not in scores:
-            continue
-        value = torch.as_tensor(scores[name]).detach().float().reshape(-1).cpu()
-        if value.numel() != sites[name].n_features:
-            raise ValueError(
-                f"scores for {name!r} have {value.numel()} entries but the site has {sites[name].n_features} "
-                f"features ({sites.granularity} granularity): scores and sites do not match"
-            )
-        index.extend((name, i) for i in range(value.numel()))
-        values.append(value)
-    if not values:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
+    check_scores_fit(scores, sites)
+    names = [name for name in sites if name in scores]
+    if not names:
         return {}
-    flat = torch.cat(values)
-    keep = ~torch.isnan(flat)
-    if threshold is not None:
-        keep &= flat > threshold
-    candidates = keep.nonzero().reshape(-1)
-    if top_k is not None:
-        order = torch.argsort(flat[candidates], descending=True, stable=True)
-        candidates = candidates[order[:top_k]]
-    chosen: dict[str, list[int]] = {}
-    for j in candidates.tolist():
-        name, i = index[j]
-        chosen.setdefault(name, []).append(i)
-    return {name: torch.tensor(sorted(chosen[name]), dtype=torch.long) for name in sites if name in chosen}
+    threshold = 0.0 if tau_c is None and top_k is None else tau_c
+    masks = select_masks(
+        {n: scores[n] for n in names},
+        {n: torch.ones(sites[n].n_features) for n in names},
+        threshold=threshold,
+        amount=top_k,
+        min_keep=0,
+    )
+    chosen = {n: (masks[n] == 0).nonzero().reshape(-1) for n in names}
+    return {n: idx for n, idx in chosen.items() if idx.numel()}
 
 
 @contextmanager
