@@ -464,8 +464,9 @@ class ICPContrastiveModule(pl.LightningModule):
             scores: a ``Scores`` or a plain dict; ``None`` clears them (the KL term of feature strategies is then
                 skipped).
             sites: the ``Sites`` the scores were computed on. Default: the current sites if every scored name is
-                among them, else the modules of ``self.model`` with exactly the scored names (neuron granularity,
-                or head granularity when the score lengths say so).
+                among them, else the modules of ``self.model`` with exactly the scored names, at the granularity
+                of the scores' metadata (a ``Scores`` from :func:`~icp_lightning.core.scores.spuriousness`); a
+                plain dict is read at neuron granularity.
 
         Raises:
             ValueError: a scored site that the model does not have, or a score vector of the wrong length.
@@ -493,20 +494,19 @@ class ICPContrastiveModule(pl.LightningModule):
         self.icp_sites = sites
 
     def _sites_named(self, names: list[str], scores: Mapping[str, torch.Tensor] | None = None) -> Sites:
-        granularity: Granularity = "neuron"
-        sites = find_sites(self.model, target_modules=names)
-        missing = [n for n in names if n not in sites]
-        if missing:
-            raise ValueError(
-                f"scores name sites {missing} that self.model does not have; pass sites= (the Sites the scores "
-                f"were computed on). Matching modules: {sites.names}"
-            )
-        if scores is not None and any(
-            torch.as_tensor(scores[n]).numel() != sites[n].n_features for n in names
-        ):
-            granularity = "head"
-            sites = find_sites(self.model, target_modules=names, granularity=granularity)
-        return sites.subset(names)
+        """The sites of ``self.model`` that ``scores`` name, at the granularity their metadata says
+        (:func:`~icp_lightning.core.sites.sites_for_scores`); a plain dict without metadata: neuron granularity
+        (pass ``sites=`` for head scores). Never guessed from the score lengths."""
+        from icp_lightning.core.sites import sites_for_scores
+
+        if scores is None:
+            return find_sites(self.model, target_modules=names).subset(names)
+        meta = getattr(scores, "meta", None) or {}
+        fallback: Granularity | None = None if meta.get("granularity") else "neuron"
+        try:
+            return sites_for_scores(self.model, scores, granularity=fallback)
+        except ValueError as err:
+            raise ValueError(f"{err}; pass sites= (the Sites the scores were computed on)") from None
 
     # ------------------------------------------------------------------------------------------------------
     # Forward and losses

@@ -34,8 +34,10 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from torch import nn
 
 from icp_lightning.core.results import SiteValues
+from icp_lightning.core.sites import model_description
 
 Reduction = Literal["abs", "signed"]
 EffectKey = tuple[str, str, str]
@@ -44,8 +46,35 @@ EffectKey = tuple[str, str, str]
 class Scores(SiteValues):
     """Spuriousness score per site and feature: ``scores[site]`` is ``[n_features]``; higher = more spurious.
 
-    Same storage, ``+``, ``top_k``, ``save``/``load`` and JSON summary as :class:`SiteValues`.
+    Same storage, ``+``, ``top_k``, ``save``/``load`` and JSON summary as :class:`SiteValues`. Scores describe
+    themselves: ``meta`` holds ``granularity``, ``sites`` (site name -> feature count), ``model_type`` and
+    ``model_class`` of the model they were computed on (written by :func:`spuriousness`), saved in the ``.pt``
+    and the ``.json``. :func:`~icp_lightning.core.sites.sites_for_scores` rebuilds the sites from them and refuses
+    scores of another model. Files written before icp_lightning 0.2 have none of these: ``sites_for_scores``
+    then raises and says how to pass the granularity.
+
+    Example:
+        >>> s = Scores({"a": torch.zeros(3)}, {"a": torch.ones(3)}, {"granularity": "neuron"})
+        >>> s.granularity, s.site_sizes
+        ('neuron', {'a': 3})
     """
+
+    @property
+    def granularity(self) -> str | None:
+        """``"neuron"`` or ``"head"`` (``None``: scores without metadata)."""
+        value = self.meta.get("granularity")
+        return str(value) if value is not None else None
+
+    @property
+    def site_sizes(self) -> dict[str, int]:
+        """Site name -> number of features, in site order."""
+        return {n: int(v.numel()) for n, v in self.sums.items()}
+
+    @property
+    def model_type(self) -> str | None:
+        """The ``config.model_type`` of the model the scores were computed on (``None``: unknown)."""
+        value = self.meta.get("model_type")
+        return str(value) if value is not None else None
 
 
 def _weight(weights: Mapping[str, float] | None, key: str, kind: str) -> float:
@@ -62,6 +91,7 @@ def spuriousness(
     metric_weights: Mapping[str, float] | None = None,
     dataset_weights: Mapping[str, float] | None = None,
     reduction: Reduction = "signed",
+    model: nn.Module | None = None,
 ) -> Scores:
     """Combine effects keyed by ``(intervention, metric, dataset)`` into one score per feature.
 
@@ -72,12 +102,16 @@ def spuriousness(
             ``reduction="signed"``, ``dataset_weights`` carries the contrast, e.g. ``{"id": 1, "ood": -1}``.
         reduction: ``"signed"`` (contrast data sets; finds shortcuts) or ``"abs"`` (the literal |CE| average;
             ranks importance).
+        model: the model the effects were computed on: its ``model_type`` and class name go in the scores'
+            metadata (default: the effects' own ``model_type`` / ``model_class`` metadata, if any).
 
     Returns:
-        :class:`Scores` over the sites common to all effects.
+        :class:`Scores` over the sites common to all effects, whose ``meta`` says what they are: ``granularity``
+        (from the effects' metadata), ``sites`` (site name -> feature count), ``model_type``, ``model_class``.
 
     Raises:
-        ValueError: unknown reduction, empty effects, missing weights, or effects over different sites.
+        ValueError: unknown reduction, empty effects, missing weights, effects over different sites or at
+            different granularities.
     """
     if reduction not in ("abs", "signed"):
         raise ValueError(f"reduction must be 'abs' or 'signed', got {reduction!r}")
@@ -118,7 +152,18 @@ def spuriousness(
         assert total is not None
         sums[name] = total / norm
         counts[name] = torch.ones_like(total)
+    granularities = {
+        str(e.meta["granularity"]) for e in keyed.values() if e.meta.get("granularity") is not None
+    }
+    if len(granularities) > 1:
+        raise ValueError(f"the effects were computed at different granularities {sorted(granularities)}")
+    first = next(iter(keyed.values())).meta
+    described = model_description(model) if model is not None else {}
     meta = {
+        "granularity": next(iter(granularities), None),
+        "sites": {name: int(sums[name].numel()) for name in names},
+        "model_type": described.get("model_type", first.get("model_type")),
+        "model_class": described.get("model_class", first.get("model_class")),
         "reduction": reduction,
         "interventions": interventions,
         "metrics": metrics,

@@ -71,3 +71,49 @@ def test_errors_and_round_trip(tmp_path):
     assert torch.equal(back["a"], scores["a"]) and back.meta["reduction"] == "signed"
     raw = torch.load(tmp_path / "s.pt", weights_only=True)
     assert raw["class"] == "Scores"
+
+
+def test_scores_describe_themselves_and_keep_it_through_pt_and_json(tmp_path):
+    import json
+
+    import transformers
+
+    from icp_lightning.core.effects import causal_effects
+    from icp_lightning.core.sites import find_sites, sites_for_scores
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=24
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    sites = find_sites(model, granularity="head")
+    batch = {
+        "input_ids": torch.randint(1, 30, (4, 6)),
+        "attention_mask": torch.ones(4, 6, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    effects = {
+        ds: causal_effects(model, [batch], sites, "mask", "label_logprob", "gradient") for ds in ("id", "ood")
+    }
+    scores = spuriousness(effects, dataset_weights={"id": 1, "ood": -1}, model=model)
+    name = sites.names[0]
+    assert scores.granularity == "head" and scores.model_type == "bert"
+    assert scores.meta["model_class"] == "BertForSequenceClassification"
+    assert scores.meta["sites"] == {name: 4} and scores.site_sizes == {name: 4}
+    scores.save(tmp_path / "scores.pt")
+    scores.to_json(tmp_path / "scores.json")
+    loaded = Scores.load(tmp_path / "scores.pt")
+    assert loaded.meta["granularity"] == "head" and loaded.meta["sites"] == {name: 4}
+    assert loaded.meta["model_type"] == "bert"
+    saved = json.loads((tmp_path / "scores.json").read_text())["meta"]
+    assert saved["granularity"] == "head" and saved["model_type"] == "bert" and saved["sites"] == {name: 4}
+    assert sites_for_scores(model, loaded).names == [name]  # the head sites, not guessed from lengths
+    # Without model=: the effects' metadata still gives the granularity.
+    assert spuriousness(effects, dataset_weights={"id": 1, "ood": -1}).granularity == "head"
+
+
+def test_effects_at_different_granularities_do_not_mix():
+    a, b = _eff([1.0, 2.0, 3.0]), _eff([1.0, 2.0, 3.0])
+    a.meta["granularity"], b.meta["granularity"] = "neuron", "head"
+    with pytest.raises(ValueError, match="different granularities"):
+        spuriousness({("mask", "m", "id"): a, ("mask", "m", "ood"): b})
