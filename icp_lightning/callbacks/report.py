@@ -32,14 +32,15 @@ class ReliabilityReport(Callback):
     trainer's log directory.
 
     Args:
-        keys: which metric keys to show per evaluation set (``acc``, ``ece``, ``nll``, ``worst_group_acc``, ...).
+        keys: which metric keys to show per evaluation set (``acc``, ``ece``, ``nll``, ``worst_group_acc``,
+            ``reliance_changed`` / ``reliance_prob_change`` logged by :class:`TokenRepairCallback`, ...).
         prefix: the logging prefix of the evaluation metrics.
         filename: base name of the files written (``None``: write nothing).
     """
 
     def __init__(
         self,
-        keys: Sequence[str] = ("acc", "ece", "worst_group_acc"),
+        keys: Sequence[str] = ("acc", "ece", "worst_group_acc", "reliance_changed"),
         prefix: str = "val",
         filename: str | None = "reliability_report",
     ) -> None:

@@ -42,6 +42,7 @@ from icp_lightning.metrics.lm import (
     yes_no_accuracy,
 )
 from icp_lightning.metrics.reliability import ReliabilityMetrics
+from icp_lightning.metrics.reliance import FeatureReliance, feature_reliance
 
 __all__ = [
     "BiasAmplification",
@@ -50,6 +51,7 @@ __all__ = [
     "DemographicParityDifference",
     "EqualOpportunityDifference",
     "ExpectedCalibrationError",
+    "FeatureReliance",
     "FalsePositiveRateGap",
     "GroupAccuracy",
     "ReliabilityMetrics",
@@ -61,6 +63,7 @@ __all__ = [
     "demographic_parity_difference",
     "equal_opportunity_difference",
     "expected_calibration_error",
+    "feature_reliance",
     "false_positive_rate_gap",
     "group_accuracies",
     "multiple_choice_accuracy",
