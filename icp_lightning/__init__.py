@@ -36,13 +36,20 @@ from icp_lightning.core.masks import (
 from icp_lightning.core.reweight import refit_head
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import Site, Sites, find_sites
-from icp_lightning.core.tokens import discover_tokens, mask_input_tokens
+from icp_lightning.core.tokens import (
+    discover_tokens,
+    mask_input_tokens,
+    remove_input_tokens,
+    word_continuation_ids,
+)
 
 _LAZY = {
     "CausalAttributionCallback": "icp_lightning.callbacks",
     "CausalPruningCallback": "icp_lightning.callbacks",
     "ReliabilityReport": "icp_lightning.callbacks.report",
     "HeadRefitCallback": "icp_lightning.callbacks.refit",
+    "TokenRepairCallback": "icp_lightning.callbacks.repair",
+    "choose_repair": "icp_lightning.callbacks.repair",
     "ICPContrastiveModule": "icp_lightning.module",
     "ICPDataModule": "icp_lightning.data",
     "plant_shortcut": "icp_lightning.data",
@@ -76,9 +83,11 @@ __all__ = [
     "Site",
     "Sites",
     "TokenEditCounterfactual",
+    "TokenRepairCallback",
     "TokenSwapCounterfactual",
     "apply_masks",
     "build_counterfactual",
+    "choose_repair",
     "causal_effects",
     "counterfactual_kl",
     "effective_weight",
@@ -94,9 +103,11 @@ __all__ = [
     "discover_tokens",
     "mask_input_tokens",
     "register_counterfactual",
+    "remove_input_tokens",
     "remove_masks",
     "save_slimmed",
     "slim",
     "spuriousness",
+    "word_continuation_ids",
 ]
 __version__ = "0.1.0"

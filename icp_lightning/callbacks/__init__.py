@@ -11,11 +11,14 @@ Example:
 
 from icp_lightning.callbacks.attribution import AttributionListener, CausalAttributionCallback
 from icp_lightning.callbacks.pruning import CausalPruningCallback, default_factor, select_masks
+from icp_lightning.callbacks.repair import TokenRepairCallback, choose_repair
 
 __all__ = [
     "AttributionListener",
     "CausalAttributionCallback",
     "CausalPruningCallback",
+    "TokenRepairCallback",
+    "choose_repair",
     "default_factor",
     "select_masks",
 ]
