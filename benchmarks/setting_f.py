@@ -35,7 +35,9 @@ Run ``python -m benchmarks.setting_f --threads 1`` (5 seeds; each seed's part is
 ``benchmarks/results/parts/setting_f/``, finished seeds are skipped unless ``--force``), ``--combine`` (rebuild
 ``benchmarks/results/setting_f.{md,json,png}`` from the parts), ``--quick`` (one small seed, into
 ``benchmarks/results/quick/``) and ``--save-models DIR`` (each method's final model per seed, with its tokenizer
-and a ``manifest.json``).
+and a ``manifest.json``). ``--gap-cause DIR`` reads those saved models and measures where the FPR gap comes from
+(noHate test sentences that mention an identity term scored as they are, with the identity words swapped, and with
+them deleted; diagnostics after the final numbers, nothing is chosen on them).
 """
 
 from __future__ import annotations
@@ -795,6 +797,48 @@ def plot(s: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def gap_cause(models: Path, seeds: list[int], out: Path, max_length: int) -> dict[str, Any]:
+    """Where the FPR gap comes from: the false-positive rate of each saved model on the test noHate sentences that
+    mention an identity term, as they are, with their identity words swapped (the CDA/CLP/ICP pairs) and with
+    them deleted, beside the rate on noHate sentences without a mention. Reads ``--save-models`` folders."""
+    import re
+
+    import transformers
+
+    from icp_lightning.identity_terms import identity_words
+    from icp_lightning.recipes_bias import hate_speech
+
+    words = sorted(identity_words(), key=len, reverse=True)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    test = hate_speech(seed=0)["test"]
+    neg = [r for r in test if r["label"] == 0]
+    sets = {
+        "noHate, mention": [r["text"] for r in neg if r["identity"]],
+        "same, identity words swapped": [r["cf_text"] for r in neg if r["identity"]],
+        "same, identity words deleted": [
+            " ".join(pattern.sub("", r["text"]).split()) for r in neg if r["identity"]
+        ],
+        "noHate, no mention": [r["text"] for r in neg if not r["identity"]],
+    }
+    result: dict[str, Any] = {}
+    for seed in seeds:
+        for folder in sorted((models / f"seed{seed}").iterdir()):
+            method = json.loads((folder / "manifest.json").read_text())["method"]
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+            row = {}
+            with torch.no_grad():
+                for name, texts in sets.items():
+                    enc = tok(
+                        texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                    )
+                    row[name] = float((model(**enc).logits.argmax(-1) == 1).float().mean())
+            result.setdefault(method, {})[seed] = row
+            print(seed, method, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    write_atomic(out / "setting_f_gap_cause.json", json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -818,11 +862,20 @@ def main() -> None:
     p.add_argument("--jtt-up", type=float, default=6.0)
     p.add_argument("--attr-pairs", type=int, default=256, help="training pairs for the swap attribution")
     p.add_argument("--prune-k", type=int, nargs="+", default=[6, 12, 24], help="candidate k (heads) for ICP")
+    p.add_argument(
+        "--gap-cause",
+        default=None,
+        help="a --save-models folder: FPR of its models with identity "
+        "words as they are, swapped and deleted (writes setting_f_gap_cause.json); nothing is trained",
+    )
     args = parse_args(p)
     if args.quick:
         args.seeds, args.train, args.test = [0], 300, args.test or 240
         args.prune_k = [6, 12]
     out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "")
+    if args.gap_cause:
+        gap_cause(Path(args.gap_cause), args.seeds, out, args.max_length)
+        return
     if not args.combine:
         for seed in args.seeds:
             path = part_path(out, seed)
