@@ -3,7 +3,8 @@
 A *feature* h_{l,i} is one input column of a target linear layer (or a block of ``head_dim`` columns for an
 attention head). The weights ``theta_{l+1,:,i}`` that read it are what pruning later zeroes. Sites are chosen
 PEFT-style (``target_modules`` / ``exclude_modules``), with per-``model_type`` defaults: the FFN
-down-projection and the attention output projection of every layer.
+down-projection and the attention output projection of every layer (the table is
+:data:`~icp_lightning.core.architectures.ARCHITECTURES`).
 
 Names are the module names of the *unwrapped* model: the segments that FSDP1 (``FullyShardedDataParallel``,
 ``_fsdp_wrapped_module``) and activation checkpointing (``CheckpointWrapper``, ``_checkpoint_wrapped_module``) add
@@ -34,30 +35,20 @@ from typing import Literal
 import torch
 from torch import nn
 
+from icp_lightning.core.architectures import (  # DEFAULT_TARGETS, SiteKind: importable here as before
+    ARCHITECTURES,
+    DEFAULT_TARGETS,  # noqa: F401
+    SiteKind,
+    config_heads,
+    site_kind,
+)
+
 try:  # GPT-2 style layers store the weight transposed; they count as linear.
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a hard dependency, but keep core importable
     Conv1D = None  # type: ignore[assignment,misc]
 
 Granularity = Literal["neuron", "head"]
-SiteKind = Literal["ffn", "attn", "other"]
-
-#: Per-``model_type`` defaults: (regex of FFN down-projections, regex of attention output projections),
-#: matched with ``re.fullmatch`` on the module's full name.
-DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
-    "bert": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
-    "roberta": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
-    "xlm-roberta": (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.attention\.output\.dense"),
-    "distilbert": (r".*layer\.\d+\.ffn\.lin2", r".*layer\.\d+\.attention\.out_lin"),
-    "gpt2": (r".*h\.\d+\.mlp\.c_proj", r".*h\.\d+\.attn\.c_proj"),
-    "llama": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
-    "mistral": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
-    "qwen2": (r".*layers\.\d+\.mlp\.down_proj", r".*layers\.\d+\.self_attn\.o_proj"),
-    "t5": (
-        r".*block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
-        r".*block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
-    ),
-}
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -140,14 +131,6 @@ def _matches(name: str, pattern: str | Sequence[str]) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
-
-
-def _n_heads(config: object) -> int | None:
-    for attr in ("num_attention_heads", "n_head", "n_heads", "num_heads"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -309,21 +292,20 @@ def find_sites(
     if granularity not in ("neuron", "head"):
         raise ValueError(f"granularity must be 'neuron' or 'head', got {granularity!r}")
     model_type = _model_type(model)
-    defaults = DEFAULT_TARGETS.get(model_type or "")
+    arch = ARCHITECTURES.get(model_type or "")
     available = linear_module_names(model)
     if target_modules is None:
-        if defaults is None:
+        if arch is None:
             raise ValueError(
                 f"no default target_modules for model_type={model_type!r} (defaults exist for "
-                f"{sorted(DEFAULT_TARGETS)}); pass target_modules=. Linear modules: {_short(available)}"
+                f"{sorted(ARCHITECTURES)}); pass target_modules=. Linear modules: {_short(available)}"
             )
-        ffn, attn = defaults
-        target_modules = attn if granularity == "head" else f"(?:{ffn})|(?:{attn})"
+        target_modules = arch.attn if granularity == "head" else f"(?:{arch.ffn})|(?:{arch.attn})"
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         raise ValueError("target_modules is an empty list; pass None for the architecture's defaults")
 
     config = getattr(model, "config", None)
-    n_heads = _n_heads(config) if config is not None else None
+    n_heads = config_heads(config) if config is not None else None
     modules = named_modules(model)
     sites: list[Site] = []
     for name in available:
@@ -332,16 +314,11 @@ def find_sites(
         if exclude_modules is not None and _matches(name, exclude_modules):
             continue
         module = modules[name]
-        kind: SiteKind = "other"
-        if defaults is not None:
-            if re.fullmatch(defaults[0], name):
-                kind = "ffn"
-            elif re.fullmatch(defaults[1], name):
-                kind = "attn"
+        kind: SiteKind = site_kind(model_type, name)
         n_in = in_features_of(module)
         if granularity == "head":
             if kind != "attn":
-                attn_names = [n for n in available if defaults and re.fullmatch(defaults[1], n)]
+                attn_names = [n for n in available if arch and re.fullmatch(arch.attn, n)]
                 raise ValueError(
                     f"granularity='head' needs attention output projections, but {name!r} is not one "
                     f"(model_type={model_type!r}). Attention output projections: {_short(attn_names)}"

@@ -8,7 +8,8 @@ so the model gets smaller and faster with the same outputs. Per-layer sizes then
 :func:`load_slimmed` rebuilds the model from them.
 
 Which layers produce an FFN site's input and how an attention module counts its heads is per-architecture
-knowledge (``_FFN_PRODUCERS``, ``_ATTN_FAMILY``, ``_ATTN_MODULE``).
+knowledge: :data:`~icp_lightning.core.architectures.ARCHITECTURES` says it (``ffn_down``, ``ffn_up``,
+``attention``), and :func:`_resize_heads` knows each attention family's q/k/v projections.
 
 Example:
     >>> import tempfile, torch, transformers
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,49 +42,19 @@ import torch
 from torch import nn
 
 from icp_lightning.core._guards import _column_mask, _masked_modules, _scale_columns, _uninstall
-from icp_lightning.core.sites import DEFAULT_TARGETS, in_features_of, is_linear, is_transposed
+from icp_lightning.core.architectures import ARCHITECTURES, ATTENTION_LAYOUTS, site_kind
+from icp_lightning.core.sites import in_features_of, is_linear, is_transposed
 
 __all__ = ["SLIM_FILE", "load_slimmed", "save_slimmed", "slim"]
 
 #: File written next to the weights by :func:`save_slimmed`, with the per-layer sizes.
 SLIM_FILE = "icp_slim.json"
 
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta")
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
-#: model_type -> (suffix of the FFN down-projection, suffixes of the layers that produce its input).
-_FFN_PRODUCERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    **{t: (".output.dense", (".intermediate.dense",)) for t in _BERT_LIKE},
-    "distilbert": (".lin2", (".lin1",)),
-    "gpt2": (".c_proj", (".c_fc",)),
-    **{t: (".down_proj", (".gate_proj", ".up_proj")) for t in _LLAMA_LIKE},
-    "t5": (".wo", (".wi", ".wi_0", ".wi_1")),
-}
-#: model_type -> attention family whose heads :func:`slim` can remove.
-_ATTN_FAMILY: dict[str, str] = {
-    **{t: "bert" for t in _BERT_LIKE},
-    "distilbert": "distilbert",
-    **{t: "llama" for t in _LLAMA_LIKE},
-    "gpt2": "gpt2",
-}
-#: family -> (suffix of the output projection, suffix of the attention module in place of it).
-_ATTN_MODULE: dict[str, tuple[str, str]] = {
-    "bert": (".output.dense", ".self"),
-    "distilbert": (".out_lin", ""),
-    "llama": (".o_proj", ""),
-    "gpt2": (".c_proj", ""),
-}
-
-
-def _site_kind(model_type: str | None, name: str) -> str:
-    defaults = DEFAULT_TARGETS.get(model_type or "")
-    if defaults is None:
-        return "other"
-    if re.fullmatch(defaults[0], name):
-        return "ffn"
-    if re.fullmatch(defaults[1], name):
-        return "attn"
-    return "other"
+def _attn_family(model_type: str | None) -> str | None:
+    """The attention family (a key of ``ATTENTION_LAYOUTS``) whose heads :func:`slim` removes, or ``None``."""
+    arch = ARCHITECTURES.get(model_type or "")
+    return None if arch is None else arch.attention
 
 
 @torch.no_grad()
@@ -113,26 +83,31 @@ def _head_cols(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def _ffn_producers(modules: Mapping[str, nn.Module], model_type: str, name: str) -> list[str]:
-    suffix, producer_suffixes = _FFN_PRODUCERS[model_type]
-    if not name.endswith(suffix):
+def _ffn_producers(modules: Mapping[str, nn.Module], model_type: str | None, name: str) -> list[str]:
+    """Names of the layers whose outputs are the inputs of FFN down-projection ``name`` (empty: not slimmable)."""
+    arch = ARCHITECTURES.get(model_type or "")
+    if arch is None or arch.ffn_down is None or not name.endswith(arch.ffn_down):
         return []
-    prefix = name[: -len(suffix)]
-    if model_type in _BERT_LIKE:  # layer.N.output.dense <- layer.N.intermediate.dense
-        return [prefix + producer_suffixes[0]] if prefix + producer_suffixes[0] in modules else []
-    return [prefix + s for s in producer_suffixes if prefix + s in modules]
+    prefix = name[: -len(arch.ffn_down)]
+    return [prefix + s for s in arch.ffn_up if prefix + s in modules]
 
 
 def _attn_module(modules: Mapping[str, nn.Module], family: str, name: str) -> Any:
-    suffix, attn_suffix = _ATTN_MODULE[family]
-    if not name.endswith(suffix):
+    layout = ATTENTION_LAYOUTS[family]
+    if not name.endswith(layout.out_proj):
         return None
-    return modules.get(name[: -len(suffix)] + attn_suffix)
+    return modules.get(name[: -len(layout.out_proj)] + layout.module)
 
 
 def _head_dim(family: str, attn: Any) -> int:
-    attr = "attention_head_size" if family in ("bert", "distilbert") else "head_dim"
-    return int(getattr(attn, attr))
+    return int(getattr(attn, ATTENTION_LAYOUTS[family].head_dim))
+
+
+def _head_counts(family: str, attn: Any, out_proj: nn.Module) -> tuple[int, int]:
+    """(query heads, key/value heads) of one attention, read from the weight shapes."""
+    d = _head_dim(family, attn)
+    heads = in_features_of(out_proj) // d
+    return heads, (int(attn.k_proj.weight.shape[0]) // d if family == "llama" else heads)
 
 
 def _resize_ffn(
@@ -194,19 +169,19 @@ def _plan_slim(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     modules = dict(model.named_modules())
-    plan = []
+    plan: list[tuple[str, nn.Module, str]] = []
     for name, module in _masked_modules(model):
-        kind = _site_kind(model_type, name)
+        kind = site_kind(model_type, name)
+        family = _attn_family(model_type)
         if getattr(module, "base_layer", None) is not None:
             raise NotImplementedError(
                 f"cannot slim {name!r}: it is wrapped by a PEFT adapter. Merge first: "
                 "masks = get_masks(model); merged = model.merge_and_unload(); apply_masks(merged, "
                 "find_sites(merged), {name_in_merged: mask}); slim(merged)"
             )
-        if kind == "ffn" and model_type in _FFN_PRODUCERS and _ffn_producers(modules, model_type, name):
+        if kind == "ffn" and _ffn_producers(modules, model_type, name):
             plan.append((name, module, kind))
-        elif kind == "attn" and model_type in _ATTN_FAMILY:
-            family = _ATTN_FAMILY[model_type]
+        elif kind == "attn" and family is not None:
             attn = _attn_module(modules, family, name)
             if attn is None or (family == "gpt2" and getattr(attn, "is_cross_attention", False)):
                 raise NotImplementedError(
@@ -216,7 +191,8 @@ def _plan_slim(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         else:
             raise NotImplementedError(
                 f"cannot slim site {name!r} (kind {kind!r}, model_type {model_type!r}): slim removes FFN neurons "
-                f"of {sorted(_FFN_PRODUCERS)} and attention heads of {sorted(_ATTN_FAMILY)}. Use "
+                f"of {sorted(t for t, a in ARCHITECTURES.items() if a.ffn_down)} and attention heads of "
+                f"{sorted(t for t, a in ARCHITECTURES.items() if a.attention)}. Use "
                 "make_permanent(model) to fold this mask into the weights without shrinking them"
             )
     return plan
@@ -278,7 +254,8 @@ def slim(model: nn.Module) -> nn.Module:
                 keep = torch.zeros(1, dtype=torch.long)
             _resize_ffn(modules, _ffn_producers(modules, model_type, name), module, keep)
             continue
-        family = _ATTN_FAMILY[model_type]
+        family = _attn_family(model_type)
+        assert family is not None
         attn = _attn_module(modules, family, name)
         assert attn is not None
         d = _head_dim(family, attn)
@@ -301,17 +278,15 @@ def _layer_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, module in modules.items():
         if not name or not is_linear(module):
             continue
-        kind = _site_kind(model_type, name)
-        if kind == "ffn" and model_type in _FFN_PRODUCERS and _ffn_producers(modules, model_type, name):
+        kind = site_kind(model_type, name)
+        family = _attn_family(model_type)
+        if kind == "ffn" and _ffn_producers(modules, model_type, name):
             sizes[name] = {"kind": "ffn", "features": in_features_of(module)}
-        elif kind == "attn" and model_type in _ATTN_FAMILY:
-            family = _ATTN_FAMILY[model_type]
+        elif kind == "attn" and family is not None:
             attn = _attn_module(modules, family, name)
             if attn is None:
                 continue
-            d = _head_dim(family, attn)
-            heads = in_features_of(module) // d
-            kv = int(attn.k_proj.weight.shape[0]) // d if family == "llama" else heads
+            heads, kv = _head_counts(family, attn, module)
             sizes[name] = {"kind": "attn", "heads": heads, "kv_heads": kv}
     return sizes
 
@@ -436,12 +411,13 @@ def load_slimmed(directory: str | os.PathLike[str], model_cls: Any) -> nn.Module
                 keep = torch.arange(n) % in_features_of(module)  # any valid index: weights are loaded next
                 _resize_ffn(modules, _ffn_producers(modules, model_type, name), module, keep)
         else:
-            family = _ATTN_FAMILY[model_type]
+            family = _attn_family(model_type)
+            assert family is not None, (
+                f"{SLIM_FILE} lists attention heads of {model_type!r}, which slim keeps"
+            )
             attn = _attn_module(modules, family, name)
             assert attn is not None
-            d = _head_dim(family, attn)
-            n_now = in_features_of(module) // d
-            kv_now = int(attn.k_proj.weight.shape[0]) // d if family == "llama" else n_now
+            n_now, kv_now = _head_counts(family, attn, module)
             heads, kv = int(entry["heads"]), int(entry["kv_heads"])
             if (heads, kv) != (n_now, kv_now):
                 _resize_heads(family, attn, module, torch.arange(heads) % n_now, torch.arange(kv) % kv_now)
