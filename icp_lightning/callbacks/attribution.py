@@ -68,7 +68,7 @@ from typing_extensions import override
 
 from icp_lightning.core.effect_metrics import METRICS, metric_name
 from icp_lightning.core.effects import METHODS, Effects, causal_effects
-from icp_lightning.core.interventions import INTERVENTIONS, capture_site_inputs, model_inputs
+from icp_lightning.core.interventions import INTERVENTIONS, capture_site_inputs, check_alpha, model_inputs
 from icp_lightning.core.masks import masks_folded
 from icp_lightning.core.scores import Scores, spuriousness
 from icp_lightning.core.sites import Sites, find_sites
@@ -203,8 +203,7 @@ class CausalAttributionCallback(Callback):
             )
         if len(set(interventions)) != len(interventions):
             raise ValueError(f"interventions has duplicates: {list(interventions)}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number (the factor of 'scale'), got {alpha!r}")
+        check_alpha(alpha)
         if isinstance(metrics, str) or callable(metrics):
             metrics = (metrics,)
         metrics = tuple(metrics)
@@ -292,6 +291,7 @@ class CausalAttributionCallback(Callback):
         self.round = 0
         self.epoch: int | None = None
         self._listeners: list[AttributionListener] = []
+        self._hook: str = on  # where rounds run: `on`, or train_epoch_end when the fit has no validation loop
 
     # ------------------------------------------------------------------------------------------------------
     # State
@@ -361,7 +361,20 @@ class CausalAttributionCallback(Callback):
 
     def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
         model = self.model_of(pl_module)
-        self.sites = find_sites(model, self.target_modules, self.exclude_modules, self.granularity)
+        try:
+            self.sites = find_sites(model, self.target_modules, self.exclude_modules, self.granularity)
+        except ValueError as err:
+            if self.model_attr is not None or model is not pl_module:
+                raise
+            # No pl_module.model: the HF model probably sits under another attribute.
+            inner = [n for n, m in pl_module.named_children() if hasattr(m, "config") or any(m.children())]
+            raise ValueError(
+                f"{err}\nThe LightningModule has no `model` attribute, so the callbacks searched the whole "
+                f"{type(pl_module).__name__}. If your Hugging Face model sits under another attribute, pass "
+                f"model_attr= (e.g. model_attr={inner[0]!r}); child modules: {inner}"
+                if inner
+                else f"{err}"
+            ) from err
         return self.sites
 
     @override
@@ -390,6 +403,39 @@ class CausalAttributionCallback(Callback):
                 "values (still identical on all ranks, but not equal to a single-process screened run). Use "
                 "method='exact' or 'gradient' for results independent of the number of processes"
             )
+
+        self._hook = self.on
+        if self.on == "validation_epoch_end" and not self._has_validation(trainer, pl_module):
+            self._hook = "train_epoch_end"
+            rank_zero_info(
+                f"[icp] {type(self).__name__}: this fit has no validation loop, so attribution runs at the end "
+                "of each training epoch instead (on='train_epoch_end'); pass on='train_epoch_end' to silence this"
+            )
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs < self.every_n_epochs and self.round == 0:
+            raise ValueError(
+                f"every_n_epochs={self.every_n_epochs} but the fit runs max_epochs={max_epochs}: attribution (and "
+                f"so pruning) would never run. Lower every_n_epochs to at most {max_epochs} or train longer"
+            )
+
+    def _has_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this fit runs a validation loop (validation_step, dataloaders, limit_val_batches > 0)."""
+        if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+            return False
+        try:
+            self._validation_loaders(trainer, pl_module)
+        except ValueError:
+            return False
+        return True
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit that asked for attribution never ends without scores (e.g. max_steps stopped it mid-epoch).
+        if self.scores is None and not trainer.interrupted:
+            rank_zero_info(
+                f"[icp] {type(self).__name__}: no attribution round ran during this fit; attributing once now"
+            )
+            self.attribute(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -457,18 +503,25 @@ class CausalAttributionCallback(Callback):
             return list(self.attribution_data)
         return list(self._validation_loaders(trainer, pl_module))
 
-    def _shard(self, trainer: pl.Trainer, loader: Iterable) -> list[tuple[int, Mapping[str, Any]]]:
+    def _shard(self, trainer: pl.Trainer, name: str, loader: Iterable) -> list[tuple[int, Mapping[str, Any]]]:
         """This rank's ``(global index, batch)`` pairs: batch ``i`` (``i < max_batches``) goes to rank
-        ``i % world_size``."""
+        ``i % world_size``. Every rank walks the same batches, so all ranks raise together on an empty set."""
         kwargs = _sampler_kwargs(trainer)
         world = int(kwargs.get("num_replicas", trainer.world_size))
         rank = int(kwargs.get("rank", trainer.global_rank))
         out = []
+        seen = 0
         for i, batch in enumerate(loader):
             if self.max_batches is not None and i >= self.max_batches:
                 break
+            seen += 1
             if i % world == rank:
                 out.append((i, batch))
+        if seen == 0:
+            raise ValueError(
+                f"attribution data set {name!r} is empty (its DataLoader gave no batches): scores from it would "
+                "be NaN. Give it data, or drop it from attribution_data and dataset_weights"
+            )
         return out
 
     # ------------------------------------------------------------------------------------------------------
@@ -476,12 +529,12 @@ class CausalAttributionCallback(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on == "validation_epoch_end":
+        if self._hook == "validation_epoch_end":
             self._maybe_attribute(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on == "train_epoch_end":
+        if self._hook == "train_epoch_end":
             self._maybe_attribute(trainer, pl_module)
 
     def _should_run(self, trainer: pl.Trainer) -> bool:
@@ -513,20 +566,21 @@ class CausalAttributionCallback(Callback):
             progress = bool(self.progress) and trainer.is_global_zero
             start = time.perf_counter()
             effects: dict[tuple[str, str, str], Effects] = {}
-            local = {name: self._shard(trainer, loader) for name, loader in datasets.items()}
+            local = {name: self._shard(trainer, name, loader) for name, loader in datasets.items()}
             with _attribution_context(model, sharding_root(trainer, pl_module)) as replay:
                 for ds_name, batches in local.items():
-                    means = (
-                        _global_site_means(trainer, model, sites, batches)
-                        if "mean" in self.interventions
-                        else None
-                    )
-                    for iv in self.interventions:
-                        for metric, mname in zip(self.metrics, self.metric_names):
-                            eff = self._local_effects(
-                                model, sites, batches, iv, metric, mname, means, replay, progress
-                            )
-                            effects[(iv, mname, ds_name)] = _reduce(trainer, eff)
+                    with _naming_dataset(ds_name):
+                        means = (
+                            _global_site_means(trainer, model, sites, batches)
+                            if "mean" in self.interventions
+                            else None
+                        )
+                        for iv in self.interventions:
+                            for metric, mname in zip(self.metrics, self.metric_names):
+                                eff = self._local_effects(
+                                    model, sites, batches, iv, metric, mname, means, replay, progress
+                                )
+                                effects[(iv, mname, ds_name)] = _reduce(trainer, eff)
             scores = spuriousness(
                 effects, self.intervention_weights, self.metric_weights, self.dataset_weights, self.reduction
             )
@@ -624,6 +678,15 @@ class CausalAttributionCallback(Callback):
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+@contextmanager
+def _naming_dataset(name: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside (a NaN effect, a metric of the wrong shape) with the data set's name."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"attribution data set {name!r}: {err}") from err
 
 
 def _sampler_kwargs(trainer: pl.Trainer) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from icp_lightning.core.effect_metrics import (
     MetricFn,
+    check_metric_values,
     is_batch_metric,
     metric_name,
     resolve_metric,
@@ -550,8 +551,8 @@ class _Engine:
         n = _batch_size(batch)
         inputs = model_inputs(model, batch)
         trace = _trace(model, inputs, self.sites)
-        m0 = metric(trace.outputs, batch)
         batch_metric = is_batch_metric(metric)
+        m0 = check_metric_values(metric(trace.outputs, batch), metric_name(metric), n, batch_metric)
         for name, site in self.sites.items():
             feats = features.get(name)
             if feats is None or feats.numel() == 0:
@@ -764,7 +765,23 @@ def causal_effects(
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
     out.meta["seconds"] = time.perf_counter() - t0
+    _check_finite(out, feats if method == "exact" else None)
     return out
+
+
+def _check_finite(effects: Effects, features: Mapping[str, torch.Tensor] | None) -> None:
+    """Raise a ValueError naming the site and metric when a computed effect is NaN or inf."""
+    for name, values in effects.items():
+        idx = features.get(name) if features is not None else None
+        chosen = values if idx is None else values[idx]
+        bad = (~torch.isfinite(chosen)).nonzero().flatten()
+        if bad.numel():
+            which = (bad if idx is None else idx[bad]).tolist()
+            raise ValueError(
+                f"effects of site {name!r} are NaN or inf for {len(which)} features (first {which[:8]}) under "
+                f"intervention {effects.meta.get('intervention')!r}, metric {effects.meta.get('metric')!r}: the "
+                "model's outputs or weights hold NaN/inf (check the inputs and the last training steps)"
+            )
 
 
 def _take(batches: Iterable[Mapping[str, Any]], max_batches: int | None, device: torch.device) -> list[dict]:
@@ -883,7 +900,7 @@ def _gradient(
                 )
             with torch.enable_grad():
                 out = model(**model_inputs(model, batch))
-                m = metric(out, batch)
+                m = check_metric_values(metric(out, batch), metric_name(metric), n, batch_metric)
                 total = m.reshape(()) * n if batch_metric else m.sum()
                 names = list(zs)
                 grads = torch.autograd.grad(total, [zs[k] for k in names], allow_unused=True)

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,33 @@ from icp_lightning.core.sites import Sites
 InterventionKind = Literal["mask", "scale", "swap", "mean"]
 INTERVENTIONS: tuple[str, ...] = ("mask", "scale", "swap", "mean")
 CF_PREFIX = "cf_"
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` of ``do(h = alpha * h)`` as a float, or a ValueError: finite, >= 0 and not 1.
+
+    ``alpha = 0`` is the mask, ``0 < alpha < 1`` damps a feature, ``alpha > 1`` amplifies it; ``alpha = 1``
+    changes nothing (every effect would be 0) and a negative alpha flips the feature's sign, which is not a
+    scaling of it.
+
+    Example:
+        >>> check_alpha(-3)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 and != 1 (0 masks, (0, 1) damps, > 1 amplifies; 1 changes nothing), got -3
+    """
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha < 0
+        or alpha == 1
+    ):
+        raise ValueError(
+            "alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 and "
+            f"!= 1 (0 masks, (0, 1) damps, > 1 amplifies; 1 changes nothing), got {alpha!r}"
+        )
+    return float(alpha)
 
 
 @dataclass
@@ -60,6 +88,7 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {self.kind!r}")
+        check_alpha(self.alpha)
 
     def value(self, site_name: str, h: torch.Tensor) -> torch.Tensor:
         """The intervened value v for every column of ``h`` (``[..., in_features]``)."""
