@@ -43,6 +43,7 @@ from icp_lightning.core.counterfactuals import (
     CounterfactualStrategy,
     build_counterfactual,
 )
+from icp_lightning.core.effect_metrics import check_class_labels
 from icp_lightning.core.interventions import CF_PREFIX, counterfactual_batch, model_inputs
 from icp_lightning.core.losses import (
     IGNORE_INDEX,
@@ -529,6 +530,7 @@ class ICPContrastiveModule(pl.LightningModule):
             )
         labels = batch["labels"]
         if self.task == "sequence_classification":
+            check_class_labels(labels, logits.shape[-1])
             return F.cross_entropy(logits.float(), labels.long())
         if self.task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]

@@ -154,3 +154,13 @@ def test_model_outside_self_model_suggests_model_attr(tmp_path):
     attribution = CausalAttributionCallback(attribution_data={"id": loader(8, 4, 1)}, **ATTR)
     with pytest.raises(ValueError, match=r"model_attr='net'"):
         trainer(tmp_path, [attribution], max_epochs=1, limit_train_batches=1).fit(ElsewhereModule())
+
+
+def test_training_with_labels_outside_num_labels_names_num_labels():
+    from icp_lightning import ICPContrastiveModule
+
+    module = ICPContrastiveModule(tiny_bert(), num_labels=2)
+    batch = tiny_batch("bert", n=4)
+    batch["labels"] = torch.tensor([0, 1, 3, 0])
+    with pytest.raises(ValueError, match=r"num_labels=2\); got labels \[3\]"):
+        module.task_loss(module.logits(batch), batch)
