@@ -203,11 +203,21 @@ def random_ranking(sites: Sites, seed: int) -> Ranking:
 
 
 def prune_values(sites: Sites, ranking: Ranking, k: int, factor: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per site mask values: ``factor`` (0: pruned) on the first ``k`` features of ``ranking``, 1 elsewhere."""
-    values = {name: torch.ones(sites[name].n_features) for name in sites}
-    for name, feature, _ in ranking[:k]:
-        values[name][feature] = factor
-    return values
+    """Per site mask values: ``factor`` (0: pruned) on the first ``k`` features of ``ranking``, 1 elsewhere.
+
+    The choice is the package's one selection (:func:`~icp_lightning.core.selection.select_masks`, ``amount=k``)
+    over the ranks: the first feature of ``ranking`` scores ``len(ranking)``, the last 1, unranked ones 0 (never
+    chosen: ``threshold=0``)."""
+    from icp_lightning.core.selection import select_masks
+
+    by_rank = {name: torch.zeros(sites[name].n_features, dtype=torch.float64) for name in sites}
+    for position, (name, feature, _) in enumerate(ranking):
+        by_rank[name][feature] = float(len(ranking) - position)
+    chosen = select_masks(by_rank, sites=sites, threshold=0.0, amount=int(k), min_keep=0)
+    return {
+        name: torch.where(mask == 0, torch.tensor(float(factor)), torch.ones(()))
+        for name, mask in chosen.items()
+    }
 
 
 @contextlib.contextmanager
