@@ -4,54 +4,97 @@
 :class:`~icp_lightning.data.ICPDataModule` with the attribution and pruning callbacks configured under the
 ``attribution:`` and ``pruning:`` keys (both optional), and prints a before/after reliability table.
 
-``icp attribute`` scores a model (a Lightning checkpoint, or a hub/local Hugging Face model) on named data sets
-and writes a report (scores ``.pt``, JSON summary, heatmap PNG); ``icp prune`` applies a score file to a model
-with a threshold or an amount and saves the pruned (optionally slimmed) model. Both take ``--help``.
+``icp attribute`` scores a model (a checkpoint of any ``icp fit``, a local Hugging Face folder, an offline alias
+such as ``minilm``, or a hub name) on named data sets and writes a report (scores ``.pt``, JSON summary, heatmap
+PNG); ``icp prune`` applies a score file to a model with a threshold or an amount and saves the pruned
+(optionally slimmed) model. Both take ``--help``. Imports wait for the subcommand, so ``icp --help`` is quick.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from jsonargparse import CLI
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+if TYPE_CHECKING:  # the heavy imports wait for a subcommand: `icp --help` answers at once
+    import torch
 
-from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
-from icp_lightning.callbacks.refit import HeadRefitCallback
-from icp_lightning.callbacks.report import ReliabilityReport
-from icp_lightning.data import ICPDataModule
-from icp_lightning.module import ICPContrastiveModule
+    from icp_lightning.data import ICPDataModule
 
+#: ``icp`` subcommands and one line each, for the top-level help.
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train ICPContrastiveModule on an ICPDataModule with the attribution / pruning callbacks",
+    "validate": "evaluate a model on the evaluation sets",
+    "test": "test a model on the evaluation sets",
+    "predict": "predict with a model",
+    "attribute": "score a model's features on named data sets: scores.pt, scores.json, heatmap.png",
+    "prune": "apply a score file to a model and save the pruned (optionally slimmed) model",
+}
 
-class ICPLightningCLI(LightningCLI):
-    """LightningCLI with the two ICP callbacks as optional top-level config groups.
-
-    The data module's evaluation set names are linked to the module's ``eval_sets``, so metrics are logged as
-    ``val/<set>/<metric>`` with the names the data module gives.
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(CausalAttributionCallback, "attribution", required=False)
-        parser.add_lightning_class_args(CausalPruningCallback, "pruning", required=False)
-        parser.add_lightning_class_args(HeadRefitCallback, "refit", required=False)
-        parser.add_lightning_class_args(ReliabilityReport, "report", required=False)
-        parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
+HELP = (
+    "usage: icp [-h] {" + ",".join(SUBCOMMANDS) + "} ...\n\n"
+    "Intervention-Based Causal Pruning (ICP) for Hugging Face models, with PyTorch Lightning.\n\n"
+    "subcommands (`icp <subcommand> --help` lists its options):\n"
+    + "".join(f"  {name:<10} {text}\n" for name, text in SUBCOMMANDS.items())
+    + "\nexample: icp fit --config configs/quickstart.yaml\n"
+)
 
 
-def _load_model(model: str, num_labels: int) -> tuple[torch.nn.Module, Any]:
-    """A Lightning checkpoint of ICPContrastiveModule, or a hub/local Hugging Face model."""
+def _cli_class() -> Any:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
+    from icp_lightning.callbacks.refit import HeadRefitCallback
+    from icp_lightning.callbacks.report import ReliabilityReport
+
+    class ICPLightningCLI(LightningCLI):
+        """LightningCLI with the ICP callbacks as optional top-level config groups.
+
+        The data module's evaluation set names are linked to the module's ``eval_sets``, so metrics are logged
+        as ``val/<set>/<metric>`` with the names the data module gives.
+        """
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_lightning_class_args(CausalAttributionCallback, "attribution", required=False)
+            parser.add_lightning_class_args(CausalPruningCallback, "pruning", required=False)
+            parser.add_lightning_class_args(HeadRefitCallback, "refit", required=False)
+            parser.add_lightning_class_args(ReliabilityReport, "report", required=False)
+            parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
+
+    return ICPLightningCLI
+
+
+def _checkpoint(path: str) -> dict[str, Any]:
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+
+
+def _load_model(model: str, num_labels: int) -> torch.nn.Module:
+    """The Hugging Face model of ``model``: a ``.ckpt`` of any ``icp fit`` (pruned or not: pruning lives in the
+    weights), a local Hugging Face folder, an offline alias (``minilm``: no network) or a hub name."""
     if model.endswith(".ckpt"):
+        from icp_lightning.module import ICPContrastiveModule
+
         module = ICPContrastiveModule.load_from_checkpoint(model, map_location="cpu")
-        return module.hf_model, module
+        module.eval()
+        return module.hf_model  # type: ignore[no-any-return]
     import transformers
 
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels)
-    return hf, None
+    from icp_lightning.assets import resolve_pretrained
+
+    path = resolve_pretrained(model)  # offline aliases such as "minilm" become local folders
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    hf.eval()
+    return hf  # type: ignore[no-any-return]
+
+
+def _first_batch(loader: Any) -> Mapping[str, Any]:
+    return next(iter(loader))  # type: ignore[no-any-return]
 
 
 def attribute(
@@ -61,10 +104,15 @@ def attribute(
     datasets: Sequence[str] | None = None,
     dataset_weights: dict[str, float] | None = None,
     interventions: Sequence[Literal["mask", "scale", "swap", "mean"]] = ("mask",),
-    metric: str = "label_logprob",
+    alpha: float = 0.5,
+    partner: Literal["auto", "permutation", "paired"] = "auto",
+    metrics: Sequence[str] = ("label_logprob",),
+    intervention_weights: dict[str, float] | None = None,
+    metric_weights: dict[str, float] | None = None,
     method: Literal["exact", "gradient", "screened"] = "gradient",
     granularity: Literal["neuron", "head"] = "neuron",
     target_modules: str | list[str] | None = None,
+    exclude_modules: str | list[str] | None = None,
     reduction: Literal["signed", "abs"] = "signed",
     max_batches: int | None = 8,
     num_labels: int = 2,
@@ -73,39 +121,92 @@ def attribute(
     """Score a model's features on named data sets and write a report.
 
     Args:
-        model: a ``.ckpt`` of ICPContrastiveModule, or a hub name / local folder of a Hugging Face classifier.
-        data: the data module (its evaluation sets are the data sets).
-        out: report folder: ``scores.pt``, ``scores.json``, ``heatmap.png``, ``effects_<set>.pt``.
-        datasets: which evaluation sets to use (default: all).
-        dataset_weights: e.g. ``{"id": 1, "ood": -1}`` (with ``reduction="signed"``).
-        interventions: interventions to combine.
-        metric: the metric m (``label_logprob``, ``accuracy``, ...).
+        model: a ``.ckpt`` of any ``icp fit`` (its data settings become the ``--data.*`` defaults), a local
+            Hugging Face folder, an offline alias (``minilm``) or a hub name of a sequence classifier.
+        data: the data module (its evaluation sets are the data sets); ``--data.*`` overrides.
+        out: report folder: ``scores.pt``, ``scores.json``, ``heatmap.png``, ``effects_<set>_<intervention>.pt``.
+        datasets: which evaluation sets to use (default: the keys of ``dataset_weights``, else all).
+        dataset_weights: e.g. ``{id: 1, ood: -1}`` (with ``reduction="signed"``): one weight per data set.
+        interventions: interventions to combine (``mask``, ``scale``, ``swap``, ``mean``).
+        alpha: the factor of ``scale``: do(h = alpha h).
+        partner: where ``swap`` takes h' from: ``auto`` (paired counterfactuals when the batches have them, else
+            an in-batch permutation), ``permutation`` or ``paired``.
+        metrics: the metrics m (``label_logprob``, ``accuracy``, ...); several are combined.
+        intervention_weights: one weight per intervention (default 1).
+        metric_weights: one weight per metric (default 1).
         method: ``exact``, ``gradient`` or ``screened``.
-        granularity: ``neuron`` or ``head``.
+        granularity: ``neuron`` or ``head`` (saved in the scores: ``icp prune`` reads it from there).
         target_modules: sites (default: the architecture's FFN and attention output projections).
+        exclude_modules: modules never used as sites.
         reduction: ``signed`` or ``abs``.
         max_batches: batches per data set.
-        num_labels: for a Hugging Face model given by name.
+        num_labels: for a Hugging Face model given by name or folder.
         top_k: features listed in the JSON summary.
     """
-    from icp_lightning.callbacks.attribution import _heatmap
+    from icp_lightning.callbacks.attribution import CausalAttributionCallback, _heatmap
     from icp_lightning.core.effects import causal_effects
     from icp_lightning.core.scores import spuriousness
     from icp_lightning.core.sites import find_sites
 
-    hf, _ = _load_model(model, num_labels)
+    names = list(datasets) if datasets else (list(dataset_weights) if dataset_weights else None)
+    available = data.eval_set_names
+    chosen = names if names is not None else list(available)
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise ValueError(
+            f"evaluation sets {unknown} do not exist in the data module; it has {available} "
+            "(set --datasets / --dataset_weights to some of these, or change --data.*)"
+        )
+    # Every setting checked before any computing, by the same rules as the attribution callback.
+    checked = CausalAttributionCallback(
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        granularity=granularity,
+        interventions=interventions,
+        alpha=alpha,
+        metrics=metrics,
+        intervention_weights=intervention_weights,
+        metric_weights=metric_weights,
+        dataset_weights=dataset_weights,
+        reduction=reduction,
+        attribution_data={n: n for n in chosen},
+        method=method,
+        max_batches=max_batches,
+        partner=partner,
+        progress=False,
+    )
+    hf = _load_model(model, num_labels)
+    sites = find_sites(
+        hf, target_modules=target_modules, exclude_modules=exclude_modules, granularity=granularity
+    )
     data.setup("fit")
-    loaders = data.attribution_dataloaders(list(datasets) if datasets else None)
-    sites = find_sites(hf, target_modules=target_modules, granularity=granularity)
+    loaders = data.attribution_dataloaders(chosen)
     effects: dict[tuple[str, str, str], Any] = {}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, loader in loaders.items():
-        for iv in interventions:
-            eff = causal_effects(hf, loader, sites, iv, metric, method, max_batches=max_batches)
-            eff.save(out_dir / f"effects_{name}_{iv}.pt")
-            effects[(iv, metric, name)] = eff
-    scores = spuriousness(effects, dataset_weights=dataset_weights, reduction=reduction)
+        pair: Literal["permutation", "paired"] = "permutation"
+        if partner == "paired" or (partner == "auto" and "cf_input_ids" in _first_batch(loader)):
+            pair = "paired"
+        for iv in checked.interventions:
+            for metric, metric_label in zip(checked.metrics, checked.metric_names):
+                eff = causal_effects(
+                    hf,
+                    loader,
+                    sites,
+                    iv,  # type: ignore[arg-type]
+                    metric,  # type: ignore[arg-type]
+                    method,
+                    checked.alpha,
+                    partner=pair,
+                    max_batches=max_batches,
+                    progress=False,
+                )
+                suffix = f"_{metric_label}" if len(checked.metrics) > 1 else ""
+                eff.save(out_dir / f"effects_{name}_{iv}{suffix}.pt")
+                effects[(iv, metric_label, name)] = eff
+    scores = spuriousness(effects, intervention_weights, metric_weights, dataset_weights, reduction, model=hf)
+    scores.meta["granularity"] = sites.granularity
     scores.save(out_dir / "scores.pt")
     scores.to_json(out_dir / "scores.json", k=top_k)
     fig = _heatmap(scores, f"spuriousness ({reduction})")
@@ -114,54 +215,77 @@ def attribute(
     print(f"wrote {out_dir}/scores.pt, scores.json, heatmap.png")
 
 
+def _already_pruned(sites: Any) -> dict[str, torch.Tensor]:
+    """Masks of the features whose input columns are all exactly zero (pruned by ``icp fit``): 0 there, else 1."""
+    import torch
+
+    from icp_lightning.core.masks import effective_weight
+
+    masks = {}
+    with torch.no_grad():
+        for name, site in sites.items():
+            weight = effective_weight(site.module).detach()
+            alive = (weight != 0).any(dim=0).reshape(site.n_features, site.group_size).any(dim=1)
+            masks[name] = alive.float()
+    return masks
+
+
 def prune(
     model: str,
     scores: str,
     out: str = "icp_pruned",
     threshold: float | None = None,
-    amount: float | None = None,
-    granularity: Literal["neuron", "head"] = "neuron",
+    amount: int | float | None = None,
+    scope: Literal["global", "per_site"] = "global",
+    min_keep: int = 1,
     slim_model: bool = False,
     num_labels: int = 2,
 ) -> None:
     """Apply a score file to a model and save the pruned (optionally slimmed) model.
 
+    The sites and their granularity come from the score file's metadata; scores of another model are refused.
+    Selection is :func:`icp_lightning.core.selection.select_masks`, the same as the pruning callback's.
+
     Args:
-        model: a ``.ckpt`` of ICPContrastiveModule, or a hub name / local folder of a Hugging Face classifier.
+        model: a ``.ckpt`` of any ``icp fit`` (pruned or not), a local Hugging Face folder, an offline alias
+            (``minilm``) or a hub name of a sequence classifier.
         scores: a ``scores.pt`` written by ``icp attribute`` or the attribution callback.
         out: output folder (``save_pretrained`` format; with ``slim_model`` also ``icp_slim.json``).
-        threshold: prune features whose score exceeds this.
-        amount: prune this fraction (< 1) or count (>= 1) of the top-scored features.
-        granularity: the granularity the scores were computed at.
+        threshold: prune features whose score exceeds this tau.
+        amount: how many of the remaining features to prune: an int (a count) or a fraction in (0, 1) of the
+            top-scored features (``1.0`` is an error). Features already pruned in the model (all their columns
+            exactly zero) are not candidates.
+        scope: ``global`` (rank all sites together) or ``per_site`` (``amount`` in each site).
+        min_keep: every site keeps at least this many features.
         slim_model: physically remove the pruned neurons/heads (see ``icp_lightning.slim``).
-        num_labels: for a Hugging Face model given by name.
+        num_labels: for a Hugging Face model given by name or folder.
     """
     from icp_lightning.core.masks import apply_masks, make_permanent, save_slimmed, slim
     from icp_lightning.core.scores import Scores
-    from icp_lightning.core.sites import find_sites
+    from icp_lightning.core.selection import check_amount, select_masks
+    from icp_lightning.core.sites import sites_for_scores
 
     if (threshold is None) == (amount is None):
-        raise ValueError("give exactly one of --threshold or --amount")
-    hf, _ = _load_model(model, num_labels)
+        raise ValueError(
+            "give exactly one of --threshold (tau) or --amount (a count, or a fraction in (0, 1))"
+        )
+    if amount is not None:
+        check_amount(amount, "--amount")
     sc = Scores.load(scores)
-    sites = find_sites(hf, target_modules=list(sc), granularity=granularity)
-    flat = sc.flat()
-    if threshold is not None:
-        cut = float(threshold)
-        chosen = flat > cut
-    else:
-        assert amount is not None
-        k = int(round(amount * flat.numel())) if amount < 1 else int(amount)
-        chosen = torch.zeros_like(flat, dtype=torch.bool)
-        chosen[torch.argsort(torch.nan_to_num(flat, nan=float("-inf")), descending=True)[:k]] = True
-    values, start = {}, 0
-    for name in sc:
-        n = sites[name].n_features
-        values[name] = (~chosen[start : start + n]).float()
-        start += n
-    apply_masks(hf, sites, values)
-    pruned = int(chosen.sum())
-    print(f"pruned {pruned} of {flat.numel()} features ({100 * pruned / max(flat.numel(), 1):.1f}%)")
+    hf = _load_model(model, num_labels)
+    sites = sites_for_scores(hf, sc)
+    current = _already_pruned(sites)
+    masks = select_masks(
+        sc, current, threshold=threshold, amount=amount, scope=scope, min_keep=min_keep, sites=sites
+    )
+    apply_masks(hf, sites, masks)
+    total = sum(s.n_features for s in sites.values())
+    before = sum(int((m == 0).sum()) for m in current.values())
+    pruned = sum(int((m == 0).sum()) for m in masks.values()) - before
+    print(
+        f"pruned {pruned} of {total} {sites.granularity} features ({100 * pruned / max(total, 1):.1f}%)"
+        + (f"; {before} were pruned already" if before else "")
+    )
     if slim_model:
         slim(hf)
         save_slimmed(hf, out)
@@ -171,13 +295,61 @@ def prune(
     print(f"wrote {out}")
 
 
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
+
+
+def _data_defaults(model: str | None) -> dict[str, Any]:
+    """The data module settings saved in an ``icp fit`` checkpoint (``--data.*`` flags override them)."""
+    if model is None or not model.endswith(".ckpt") or not Path(model).is_file():
+        return {}
+    saved = _checkpoint(model).get("datamodule_hyper_parameters") or {}
+    return {key: value for key, value in dict(saved).items() if not key.startswith("_")}
+
+
+def _run_tool(name: str, argv: Sequence[str]) -> None:
+    """``icp attribute`` / ``icp prune``: a jsonargparse parser of the function (and of ICPDataModule)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    function: Callable[..., None] = attribute if name == "attribute" else prune
+    parser = ArgumentParser(prog=f"icp {name}", description=(function.__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    parser.add_function_arguments(function, skip={"data"}, as_group=False)
+    if name == "attribute":
+        from icp_lightning.data import ICPDataModule
+
+        parser.add_class_arguments(ICPDataModule, "data")
+        defaults = _data_defaults(_flag_value(argv, "--model"))
+        known = {a.dest.split(".", 1)[1] for a in parser._actions if a.dest.startswith("data.")}
+        parser.set_defaults({f"data.{k}": v for k, v in defaults.items() if k in known})
+    cfg = parser.parse_args(list(argv))
+    cfg.pop("config", None)
+    init = parser.instantiate_classes(cfg)
+    kwargs = init.as_dict() if hasattr(init, "as_dict") else dict(init)
+    kwargs.pop("__path__", None)
+    if name == "attribute":
+        kwargs["data"] = init["data"]
+    function(**kwargs)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``icp`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("attribute", "prune"):
-        CLI({"attribute": attribute, "prune": prune}, args=argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
         return
-    ICPLightningCLI(
+    if argv[0] in ("attribute", "prune"):
+        _run_tool(argv[0], argv[1:])
+        return
+    from icp_lightning.data import ICPDataModule
+    from icp_lightning.module import ICPContrastiveModule
+
+    _cli_class()(
         ICPContrastiveModule,
         ICPDataModule,
         args=argv,

