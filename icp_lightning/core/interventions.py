@@ -37,28 +37,27 @@ CF_PREFIX = "cf_"
 
 
 def check_alpha(alpha: Any) -> float:
-    """``alpha`` of ``do(h = alpha * h)`` as a float, or a ValueError: finite, >= 0 and not 1.
+    """``alpha`` of ``do(h = alpha * h)`` as a float, or a ValueError: finite and >= 0.
 
-    ``alpha = 0`` is the mask, ``0 < alpha < 1`` damps a feature, ``alpha > 1`` amplifies it; ``alpha = 1``
-    changes nothing (every effect would be 0) and a negative alpha flips the feature's sign, which is not a
+    ``alpha = 0`` is the mask, ``0 < alpha < 1`` damps a feature, ``alpha > 1`` amplifies it, ``alpha = 1``
+    changes nothing (every effect is 0: a null check); a negative alpha flips the feature's sign, which is not a
     scaling of it.
 
     Example:
         >>> check_alpha(-3)
         Traceback (most recent call last):
         ...
-        ValueError: alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 and != 1 (0 masks, (0, 1) damps, > 1 amplifies; 1 changes nothing), got -3
+        ValueError: alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 (0 masks, (0, 1) damps, > 1 amplifies; a negative factor flips the sign), got -3
     """
     if (
         isinstance(alpha, bool)
         or not isinstance(alpha, (int, float))
         or not math.isfinite(alpha)
         or alpha < 0
-        or alpha == 1
     ):
         raise ValueError(
-            "alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 and "
-            f"!= 1 (0 masks, (0, 1) damps, > 1 amplifies; 1 changes nothing), got {alpha!r}"
+            "alpha (the factor of the 'scale' intervention do(h = alpha * h)) must be a finite number >= 0 "
+            f"(0 masks, (0, 1) damps, > 1 amplifies; a negative factor flips the sign), got {alpha!r}"
         )
     return float(alpha)
 

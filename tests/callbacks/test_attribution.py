@@ -53,7 +53,7 @@ FAST = dict(progress=False, max_batches=2, method="exact")
         ({"max_batches": 0}, r"max_batches must be an int >= 1 or None"),
         ({"max_rounds": 0}, r"max_rounds must be an int >= 1 or None"),
         ({"top_k_log": -1}, "top_k_log must be an int >= 0"),
-        ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"alpha": float("nan")}, "alpha .* must be a finite number"),
         ({"model_attr": ""}, "model_attr must be a dotted attribute path"),
         ({"intervention_weights": {"scale": 1.0}}, r"missing \['mask'\], unknown \['scale'\]"),
         ({"metric_weights": {"label_logprob": "x"}}, "must be a finite number"),
