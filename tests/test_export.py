@@ -199,3 +199,33 @@ def test_resumed_training_keeps_pruned_columns_zero(tmp_path):
     for name, mask in pruning.masks.items():
         w = dict(model.named_modules())[name].weight
         assert w.view(w.shape[0], mask.numel(), -1)[:, mask == 0].abs().max() == 0, name
+
+
+def test_resuming_a_checkpoint_of_an_earlier_version_folds_its_masks(tmp_path, batch):
+    """Checkpoints of icp_lightning < 0.2 held unfolded weights plus `icp_mask` keys: resuming folds them."""
+    pl.seed_everything(0)
+    module = TinyClassifier()
+    pruning = CausalPruningCallback(amount=2, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    tr = trainer(tmp_path, [CausalAttributionCallback(**ATTR), pruning, checkpoint], max_epochs=1,
+                 limit_train_batches=2, enable_checkpointing=True)  # fmt: skip
+    tr.fit(module)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    # Turn it into an old-format checkpoint: pruned columns hold (random) unfolded values, masks as keys.
+    gen = torch.Generator().manual_seed(0)
+    for name, mask in pruning.masks.items():
+        w = state["state_dict"][f"model.{name}.weight"]
+        cols = mask.repeat_interleave(w.shape[1] // mask.numel()) == 0
+        w[:, cols] = torch.randn(w.shape[0], int(cols.sum()), generator=gen)
+        state["state_dict"][f"model.{name}.icp_mask"] = mask
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(state, legacy)
+
+    resumed = TinyClassifier()
+    pruning_b = CausalPruningCallback(amount=2, verbose=False)
+    trainer(tmp_path / "b", [CausalAttributionCallback(**ATTR), pruning_b], max_epochs=1,
+            limit_train_batches=2).fit(resumed, ckpt_path=str(legacy))  # fmt: skip
+    torch.testing.assert_close(_logits(resumed.model, batch), _logits(module.model, batch), atol=1e-6, rtol=0)
+    assert {n: m.tolist() for n, m in pruning_b.masks.items()} == {
+        n: m.tolist() for n, m in pruning.masks.items()
+    }
