@@ -25,13 +25,16 @@ from icp_lightning.core.losses import ICPLoss, counterfactual_kl
 from icp_lightning.core.masks import (
     apply_masks,
     effective_weight,
+    enforce_masks,
     get_masks,
     load_masks_state,
     load_slimmed,
     make_permanent,
     remove_masks,
+    restore_masks,
     save_slimmed,
     slim,
+    temporary_masks,
 )
 from icp_lightning.core.reweight import refit_head
 from icp_lightning.core.scores import Scores, spuriousness
@@ -105,6 +108,9 @@ __all__ = [
     "register_counterfactual",
     "remove_input_tokens",
     "remove_masks",
+    "restore_masks",
+    "temporary_masks",
+    "enforce_masks",
     "save_slimmed",
     "slim",
     "spuriousness",
