@@ -12,6 +12,7 @@ PNG); ``icp prune`` applies a score file to a model with a threshold or an amoun
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,7 @@ HELP = (
 )
 
 
+@functools.cache
 def _cli_class() -> Any:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -64,6 +66,14 @@ def _cli_class() -> Any:
             parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
 
     return ICPLightningCLI
+
+
+def __getattr__(name: str) -> Any:
+    """``ICPLightningCLI`` is built on first use (it needs Lightning); ``from icp_lightning.cli import
+    ICPLightningCLI`` still works."""
+    if name == "ICPLightningCLI":
+        return _cli_class()
+    raise AttributeError(f"module 'icp_lightning.cli' has no attribute {name!r}")
 
 
 def _checkpoint(path: str) -> dict[str, Any]:
