@@ -31,16 +31,21 @@ answers from priors: question-only cues, memorised associations), while it does 
 when the real passage is there. With the engine (:func:`~icp_lightning.causal_effects`, gradient method, mask
 intervention ``do(h_i = 0)``) on ``--attr`` training questions:
 
-- ``E_unsupported[i]``: effect of neuron ``i`` on ``|logit_yes - logit_no|`` with the irrelevant passage;
-- ``E_evidence[i]``: effect on the correct answer's log-odds ``(2y - 1)(logit_yes - logit_no)`` with the real
+- ``E_unsupported[i]``: effect of neuron ``i`` on how far each answer's log-odds ``z = logit_yes - logit_no``
+  departs from the batch mean with the irrelevant passage, ``|z - mean(z)|`` (what moves an answer without
+  evidence is the question alone);
+- ``E_evidence[i]``: effect on the correct answer's centred log-odds ``(2y - 1)(z - mean(z))`` with the real
   passage;
 - score ``S = E_unsupported - E_evidence`` (:func:`~icp_lightning.spuriousness`, signed, dataset weights
   ``{"irrelevant": 1, "relevant": -1}``).
 
 The top-k neurons by ``S`` are pruned with :func:`~icp_lightning.apply_masks` (hard masks). k comes from
-``--k-grid`` and is chosen on the *validation* questions only: the largest k whose pruned starting model keeps
-the validation AUROC of the log-odds (how well it reads the passage) within 0.01 of the unpruned one, else the
-smallest. Then the same LoRA fine-tuning with a counterfactual term: for each training question, x' is the
+``--k-grid`` and is chosen on the *validation* questions only (:func:`choose_k`): the k whose pruned starting
+model has the lowest mean confidence on the irrelevant-passage validation questions, among those that lower it
+and keep the validation AUROC of the log-odds (how well it reads the passage) within 0.02 of the unpruned
+model's (else the smallest k). (A first version took the largest k within the AUROC tolerance: on seed 0 it
+pruned 512 neurons, the answers flipped to a confident "yes" everywhere and the fine-tuning diverged; the
+confidence check catches that overshoot.) Then the same LoRA fine-tuning with a counterfactual term: for each training question, x' is the
 same question with an irrelevant passage, and ``L = BCE(M(x), y) + lambda * KL(u || M(x'))`` with ``u`` the
 uniform yes/no distribution. (KL *between* M(x) and M(x'), the method's consistency term, would teach the very
 prior-answering that is removed here: with no evidence, the counterfactual target is no preference.)
@@ -85,7 +90,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from icp_lightning.core.effects import causal_effects  # noqa: E402
-from icp_lightning.core.masks import apply_masks, make_permanent  # noqa: E402
+from icp_lightning.core.masks import apply_masks, make_permanent, remove_masks  # noqa: E402
 from icp_lightning.core.scores import spuriousness  # noqa: E402
 from icp_lightning.core.sites import Sites, find_sites  # noqa: E402
 from icp_lightning.metrics.qa import (  # noqa: E402
@@ -368,8 +373,12 @@ def attribution_batches(
 
 
 def logodds_metric(yes_id: int, no_id: int, kind: str) -> Callable[[Any, Mapping[str, Any]], torch.Tensor]:
-    """Engine metric per row: ``"evidence"``: the correct answer's log-odds ``sign * (l_yes - l_no)``;
-    ``"unsupported"``: the confidence ``|l_yes - l_no|``."""
+    """Engine metric per row, on the log-odds ``z = l_yes - l_no`` *centred on the batch mean* (so a feature
+    that only shifts every answer toward yes or no, a global bias that fine-tuning resets anyway, scores 0):
+
+    - ``"evidence"``: the correct answer's centred log-odds ``sign * (z - mean(z))``;
+    - ``"unsupported"``: how far the answer departs from the batch's with no evidence, ``|z - mean(z)|``: with
+      an irrelevant passage, what moves it is the question alone (priors, question-only cues)."""
     if kind not in ("evidence", "unsupported"):
         raise ValueError(f"kind must be 'evidence' or 'unsupported', got {kind!r}")
 
@@ -378,7 +387,8 @@ def logodds_metric(yes_id: int, no_id: int, kind: str) -> Callable[[Any, Mapping
         pick = batch["pick"].to(logits.device)
         rows = logits[torch.arange(logits.shape[0], device=logits.device), pick]
         z = rows[:, yes_id] - rows[:, no_id]
-        return batch["sign"].to(z.device) * z if kind == "evidence" else z.abs()
+        centred = z - z.mean()
+        return batch["sign"].to(z.device) * centred if kind == "evidence" else centred.abs()
 
     metric.__name__ = f"{kind}_logodds"
     return metric
@@ -443,19 +453,27 @@ def removed(values: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
 
 
 def choose_k(
-    auroc_of: Callable[[int], float], base_auroc: float, k_grid: Sequence[int], tolerance: float = 0.01
-) -> tuple[int, dict[str, float]]:
-    """The largest k of ``k_grid`` whose validation AUROC stays within ``tolerance`` of ``base_auroc`` (else
-    the smallest k), and the AUROC of every k.
+    evaluate: Callable[[int], tuple[float, float]],
+    base: tuple[float, float],
+    k_grid: Sequence[int],
+    tolerance: float = 0.02,
+) -> tuple[int, dict[str, list[float]]]:
+    """Choose how many features to prune from validation numbers of the pruned starting model.
+
+    ``evaluate(k)`` returns ``(auroc, unsupported)``: the AUROC of the log-odds for the labels with the real
+    passage (how well the model reads evidence) and the mean confidence with an irrelevant passage. Among the k
+    whose AUROC stays within ``tolerance`` of the unpruned ``base[0]`` and whose unsupported confidence is below
+    the unpruned ``base[1]``, the k with the lowest unsupported confidence (pruning too much overshoots: the
+    answers flip to the other side, confidently); else the smallest k. Returns it and the table.
 
     Example:
-        >>> table = {8: 0.70, 32: 0.695, 128: 0.66}
-        >>> choose_k(table.__getitem__, 0.70, [8, 32, 128])[0]
+        >>> table = {8: (0.70, 0.80), 32: (0.69, 0.70), 128: (0.60, 0.55), 512: (0.70, 0.99)}
+        >>> choose_k(table.__getitem__, (0.70, 0.85), [8, 32, 128, 512])[0]
         32
     """
-    table = {str(k): auroc_of(k) for k in k_grid}
-    ok = [k for k in k_grid if table[str(k)] >= base_auroc - tolerance]
-    return (max(ok) if ok else min(k_grid)), table
+    table = {str(k): list(evaluate(k)) for k in k_grid}
+    ok = [k for k in k_grid if table[str(k)][0] >= base[0] - tolerance and table[str(k)][1] < base[1]]
+    return (min(ok, key=lambda k: (table[str(k)][1], k)) if ok else min(k_grid)), table
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -740,24 +758,21 @@ def run_method(ctx: Context, method: str, seed: int, args: argparse.Namespace) -
                     )  # fmt: skip
                 info["attribution_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                base_val = boolq_logodds(ctx, model, ["validation"], args)["validation"]
                 y_val = torch.tensor(ctx.sets["validation"]["labels"])
 
-                def val_auroc(k: int) -> float:
-                    apply_masks(model, sites, top_k_values(sites, scores, k))
+                def val_numbers(k: int) -> tuple[float, float]:
+                    if k:
+                        apply_masks(model, sites, top_k_values(sites, scores, k))
                     try:
-                        with ctx.cache.active(model):
-                            z = yes_no_logodds(model, ctx.sets["validation"]["prompts"], ctx.yes_id, ctx.no_id,
-                                               args.batch_size)  # fmt: skip
+                        z = boolq_logodds(ctx, model, ["validation"], args)
                     finally:
-                        from icp_lightning.core.masks import remove_masks
-
                         remove_masks(model)
-                    return _auroc(z, y_val)
+                    p_irr = torch.sigmoid(z["validation_irrelevant"])
+                    return _auroc(z["validation"], y_val), float(torch.maximum(p_irr, 1 - p_irr).mean())
 
-                base_auroc = _auroc(base_val, y_val)
-                k, table = choose_k(val_auroc, base_auroc, args.k_grid, args.auroc_tolerance)
-                info.update(choose_k_s=time.perf_counter() - t0, k_table=table, base_val_auroc=base_auroc)
+                base = val_numbers(0)
+                k, table = choose_k(val_numbers, base, args.k_grid, args.auroc_tolerance)
+                info.update(choose_k_s=time.perf_counter() - t0, k_table=table, base_val=list(base))
                 values = top_k_values(sites, scores, k)
                 if method == "ICP":
                     _save_k(args, seed, k)
@@ -1104,7 +1119,7 @@ def _markdown(
         lines += [
             "",
             f"ICP seed {min(icp)}: k = {first.get('k')} of {sum(1 for _ in first.get('removed', {}))} sites' neurons; "
-            f"validation AUROC per k {first.get('k_table')} (unpruned {first.get('base_val_auroc', math.nan):.3f}); "
+            f"validation (AUROC, unsupported confidence) per k {first.get('k_table')} (unpruned {first.get('base_val')}); "
             f"pruned neurons per layer {first.get('removed_per_layer')}; temperature of ICP + TS "
             f"{first.get('temperature', math.nan):.2f}.",
         ]
@@ -1160,8 +1175,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1.0)
-    parser.add_argument("--k-grid", type=int, nargs="+", default=[32, 128, 512])
-    parser.add_argument("--auroc-tolerance", type=float, default=0.01)
+    parser.add_argument("--k-grid", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--auroc-tolerance", type=float, default=0.02)
     parser.add_argument("--threshold", type=float, default=0.75)
     parser.add_argument("--parts", default="benchmarks/results/factual_qa_parts")
     parser.add_argument("--out", default="benchmarks/results")
