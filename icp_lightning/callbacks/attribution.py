@@ -15,9 +15,9 @@ computes the same scores from them. ``swap`` partners are seeded by a batch's gl
 are averaged over all ranks' batches, as in one process; ``method="screened"`` is the exception (each rank
 screens its own batches; a warning says so).
 
-Masks already on the model (an earlier pruning round) are folded into the weights while effects are computed
-(the weights are restored bit for bit afterwards): the engine then sees the model that the forward really
-computes, keeps its fast suffix replay, and a pruned feature has an effect of exactly zero.
+Masks already on the model (an earlier pruning round) live in its weights; their guards are lifted while effects
+are computed (and put back after): the engine then sees the model that the forward really computes, keeps its
+fast suffix replay, and a pruned feature has an effect of exactly zero.
 
 Sharded models: the parameters are gathered once before the attribution and kept unsharded until it ends, so
 the ranks, which do different numbers of forwards, never wait on each other's collectives; this needs the
@@ -39,7 +39,7 @@ memory of the full model on every rank for the duration.
 
 Example:
     >>> cb = CausalAttributionCallback(interventions=("mask", "scale"), dataset_weights={"id": 1.0, "ood": -1.0})
-    >>> cb.interventions, cb.every_n_epochs
+    >>> cb.config.interventions, cb.every_n_epochs
     (('mask', 'scale'), 1)
     >>> CausalAttributionCallback(method="fast")
     Traceback (most recent call last):
@@ -50,7 +50,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -66,12 +65,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from icp_lightning.core.effect_metrics import METRICS, metric_name
-from icp_lightning.core.effects import METHODS, Effects, causal_effects
-from icp_lightning.core.interventions import INTERVENTIONS, capture_site_inputs, check_alpha, model_inputs
+from icp_lightning.core.attribution import AttributionConfig
+from icp_lightning.core.effects import Effects, Method, causal_effects
+from icp_lightning.core.interventions import InterventionKind, capture_site_inputs, model_inputs
 from icp_lightning.core.masks import masks_folded
-from icp_lightning.core.scores import Scores, spuriousness
-from icp_lightning.core.sites import Sites, find_sites
+from icp_lightning.core.scores import Reduction, Scores, spuriousness
+from icp_lightning.core.sites import Granularity, Sites
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +80,30 @@ __all__ = ["AttributionListener", "CausalAttributionCallback"]
 AttributionListener = Callable[["pl.Trainer", "pl.LightningModule", "CausalAttributionCallback"], None]
 
 _ON = ("validation_epoch_end", "train_epoch_end")
-_GRANULARITIES = ("neuron", "head")
-_REDUCTIONS = ("signed", "abs")
 
 
 def _effect_key(intervention: str, metric: str, dataset: str) -> str:
     return f"{intervention}|{metric}|{dataset}"
 
 
-def _check_weights(weights: Mapping[str, float] | None, allowed: Sequence[str], what: str) -> None:
-    if weights is None:
-        return
-    if not isinstance(weights, Mapping):
-        raise ValueError(f"{what}_weights must be a mapping name -> float, got {type(weights).__name__}")
-    missing = [k for k in allowed if k not in weights]
-    unknown = [k for k in weights if k not in allowed]
-    if missing or unknown:
+def _checked_attribution_data(attribution_data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``attribution_data`` as a dict, or a ValueError saying what it must be."""
+    if attribution_data is None:
+        return None
+    if not isinstance(attribution_data, Mapping) or not attribution_data:
         raise ValueError(
-            f"{what}_weights must give one weight per {what} {list(allowed)}: missing {missing}, unknown {unknown}"
+            "attribution_data must be a non-empty mapping data set name -> DataLoader (or -> the name of "
+            f"a validation dataloader), or None for the validation dataloaders; got {attribution_data!r}"
         )
-    for key, value in weights.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{what}_weights[{key!r}] must be a finite number, got {value!r}")
+    for key, value in attribution_data.items():
+        if not isinstance(key, str):
+            raise ValueError(f"attribution_data keys must be data set names (str), got {key!r}")
+        if not isinstance(value, str) and not isinstance(value, Iterable):
+            raise ValueError(
+                f"attribution_data[{key!r}] must be a DataLoader (an iterable of dict batches) or the "
+                f"name of a validation dataloader, got {type(value).__name__}"
+            )
+    return dict(attribution_data)
 
 
 class CausalAttributionCallback(Callback):
@@ -171,16 +172,16 @@ class CausalAttributionCallback(Callback):
         self,
         target_modules: str | Sequence[str] | None = None,
         exclude_modules: str | Sequence[str] | None = None,
-        granularity: Literal["neuron", "head"] = "neuron",
-        interventions: Sequence[Literal["mask", "scale", "swap", "mean"]] = ("mask",),
+        granularity: Granularity = "neuron",
+        interventions: Sequence[InterventionKind] = ("mask",),
         alpha: float = 0.5,
         metrics: Sequence[str | Callable[..., Any]] = ("label_logprob",),
         intervention_weights: Mapping[str, float] | None = None,
         metric_weights: Mapping[str, float] | None = None,
         dataset_weights: Mapping[str, float] | None = None,
-        reduction: Literal["signed", "abs"] = "signed",
+        reduction: Reduction = "signed",
         attribution_data: Mapping[str, Any] | None = None,
-        method: Literal["exact", "gradient", "screened"] = "gradient",
+        method: Method = "gradient",
         max_batches: int | None = 4,
         every_n_epochs: int = 1,
         max_rounds: int | None = None,
@@ -191,47 +192,26 @@ class CausalAttributionCallback(Callback):
         save_dir: str | os.PathLike[str] | None = None,
         partner: Literal["auto", "permutation", "paired"] = "auto",
     ) -> None:
-        if granularity not in _GRANULARITIES:
-            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
-        if isinstance(interventions, str):
-            interventions = (interventions,)  # type: ignore[assignment]
-        interventions = tuple(interventions)
-        bad = [i for i in interventions if i not in INTERVENTIONS]
-        if not interventions or bad:
-            raise ValueError(
-                f"interventions must be a non-empty list of {INTERVENTIONS}, got {list(interventions)}"
-            )
-        if len(set(interventions)) != len(interventions):
-            raise ValueError(f"interventions has duplicates: {list(interventions)}")
-        check_alpha(alpha)
-        if isinstance(metrics, str) or callable(metrics):
-            metrics = (metrics,)
-        metrics = tuple(metrics)
-        if not metrics:
-            raise ValueError(f"metrics must be a non-empty list of {sorted(METRICS)} or callables")
-        for m in metrics:
-            if isinstance(m, str) and m not in METRICS:
-                raise ValueError(
-                    f"unknown metric {m!r}: metrics must be among {sorted(METRICS)} or callables"
-                )
-            if not isinstance(m, str) and not callable(m):
-                raise ValueError(f"metrics must be names among {sorted(METRICS)} or callables, got {m!r}")
-        metric_names = [metric_name(m) for m in metrics]
-        if len(set(metric_names)) != len(metric_names):
-            raise ValueError(f"metrics have duplicate names: {metric_names}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.config = AttributionConfig(
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            granularity=granularity,
+            interventions=interventions,
+            alpha=alpha,
+            metrics=metrics,
+            intervention_weights=intervention_weights,
+            metric_weights=metric_weights,
+            dataset_weights=dataset_weights,
+            reduction=reduction,
+            method=method,
+            max_batches=max_batches,
+            partner=partner,
+        )
         if on not in _ON:
             raise ValueError(f"on must be one of {_ON}, got {on!r}")
         for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("top_k_log", top_k_log, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if max_batches is not None and (
-            not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
-        ):
-            raise ValueError(f"max_batches must be an int >= 1 or None (all batches), got {max_batches!r}")
         if max_rounds is not None and (
             not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1
         ):
@@ -240,40 +220,9 @@ class CausalAttributionCallback(Callback):
             raise ValueError(
                 f"model_attr must be a dotted attribute path such as 'model', got {model_attr!r}"
             )
-        _check_weights(intervention_weights, interventions, "intervention")
-        _check_weights(metric_weights, metric_names, "metric")
-        if attribution_data is not None:
-            if not isinstance(attribution_data, Mapping) or not attribution_data:
-                raise ValueError(
-                    "attribution_data must be a non-empty mapping data set name -> DataLoader (or -> the name of "
-                    f"a validation dataloader), or None for the validation dataloaders; got {attribution_data!r}"
-                )
-            for key, value in attribution_data.items():
-                if not isinstance(key, str):
-                    raise ValueError(f"attribution_data keys must be data set names (str), got {key!r}")
-                if not isinstance(value, str) and not isinstance(value, Iterable):
-                    raise ValueError(
-                        f"attribution_data[{key!r}] must be a DataLoader (an iterable of dict batches) or the "
-                        f"name of a validation dataloader, got {type(value).__name__}"
-                    )
-            _check_weights(dataset_weights, list(attribution_data), "dataset")
-        elif dataset_weights is not None:
-            _check_weights(dataset_weights, list(dataset_weights), "dataset")
-
-        self.target_modules = target_modules
-        self.exclude_modules = exclude_modules
-        self.granularity: Literal["neuron", "head"] = granularity
-        self.interventions: tuple[str, ...] = interventions
-        self.alpha = float(alpha)
-        self.metrics: tuple[str | Callable[..., Any], ...] = metrics
-        self.metric_names = metric_names
-        self.intervention_weights = dict(intervention_weights) if intervention_weights is not None else None
-        self.metric_weights = dict(metric_weights) if metric_weights is not None else None
-        self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
-        self.reduction: Literal["signed", "abs"] = reduction
-        self.attribution_data = dict(attribution_data) if attribution_data is not None else None
-        self.method: Literal["exact", "gradient", "screened"] = method
-        self.max_batches = max_batches
+        self.attribution_data = _checked_attribution_data(attribution_data)
+        if self.attribution_data is not None:
+            self.config.check_datasets(list(self.attribution_data))
         self.every_n_epochs = every_n_epochs
         self.max_rounds = max_rounds
         self.on = on
@@ -281,9 +230,6 @@ class CausalAttributionCallback(Callback):
         self.top_k_log = top_k_log
         self.progress = progress
         self.save_dir = save_dir
-        if partner not in ("auto", "permutation", "paired"):
-            raise ValueError(f"partner must be 'auto', 'permutation' or 'paired', got {partner!r}")
-        self.partner: Literal["auto", "permutation", "paired"] = partner
 
         self.sites: Sites | None = None
         self.scores: Scores | None = None
@@ -294,19 +240,50 @@ class CausalAttributionCallback(Callback):
         self._hook: str = on  # where rounds run: `on`, or train_epoch_end when the fit has no validation loop
 
     # ------------------------------------------------------------------------------------------------------
+    # The configuration's choices, read-only (set them through the constructor)
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.config.granularity
+
+    @property
+    def interventions(self) -> tuple[InterventionKind, ...]:
+        return tuple(self.config.interventions)
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def metrics(self) -> tuple[str | Callable[..., Any], ...]:
+        return tuple(self.config.metrics)
+
+    @property
+    def metric_names(self) -> list[str]:
+        return self.config.metric_names
+
+    @property
+    def method(self) -> Method:
+        return self.config.method
+
+    @property
+    def dataset_weights(self) -> Mapping[str, float] | None:
+        return self.config.dataset_weights
+
+    # ------------------------------------------------------------------------------------------------------
     # State
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            granularity=self.granularity,
-            interventions=self.interventions,
-            metrics=tuple(self.metric_names),
-            dataset_weights=self.dataset_weights,
-            reduction=self.reduction,
+            target_modules=self.config.target_modules,
+            exclude_modules=self.config.exclude_modules,
+            granularity=self.config.granularity,
+            interventions=self.config.interventions,
+            metrics=tuple(self.config.metric_names),
+            dataset_weights=self.config.dataset_weights,
+            reduction=self.config.reduction,
             model_attr=self.model_attr,
         )
 
@@ -334,9 +311,9 @@ class CausalAttributionCallback(Callback):
     # Listeners
 
     def _partner(self, batch: Mapping[str, Any]) -> Literal["permutation", "paired"]:
-        if self.partner == "auto":
+        if self.config.partner == "auto":
             return "paired" if "cf_input_ids" in batch else "permutation"
-        return self.partner
+        return self.config.partner
 
     def add_listener(self, listener: AttributionListener) -> None:
         """Call ``listener(trainer, pl_module, self)`` after every attribution round (in registration order).
@@ -362,7 +339,7 @@ class CausalAttributionCallback(Callback):
     def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
         model = self.model_of(pl_module)
         try:
-            self.sites = find_sites(model, self.target_modules, self.exclude_modules, self.granularity)
+            self.sites = self.config.sites(model)
         except ValueError as err:
             if self.model_attr is not None or model is not pl_module:
                 raise
@@ -396,7 +373,7 @@ class CausalAttributionCallback(Callback):
                     "use DDP or ModelParallelStrategy(tensor_parallel_size=1)"
                 )
 
-        if self.method == "screened" and trainer.world_size > 1:
+        if self.config.method == "screened" and trainer.world_size > 1:
             rank_zero_warn(
                 "method='screened' on several processes: each rank picks the features it computes exactly from "
                 "the gradient ranking of its own batches, so a feature's effect can mix exact and gradient "
@@ -441,8 +418,7 @@ class CausalAttributionCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoint state is restored by now (for every strategy): hand restored scores to the module.
         datasets = self._dataset_names(trainer, pl_module)
-        if self.dataset_weights is not None:
-            _check_weights(self.dataset_weights, datasets, "dataset")
+        self.config.check_datasets(datasets)
         if self.scores is not None:
             self._notify_module(pl_module)
 
@@ -512,7 +488,7 @@ class CausalAttributionCallback(Callback):
         out = []
         seen = 0
         for i, batch in enumerate(loader):
-            if self.max_batches is not None and i >= self.max_batches:
+            if self.config.max_batches is not None and i >= self.config.max_batches:
                 break
             seen += 1
             if i % world == rank:
@@ -561,8 +537,7 @@ class CausalAttributionCallback(Callback):
             sites = self.sites if self.sites is not None else self._resolve_sites(pl_module)
             model = self.model_of(pl_module)
             datasets = self._datasets(trainer, pl_module)
-            if self.dataset_weights is not None:
-                _check_weights(self.dataset_weights, list(datasets), "dataset")
+            self.config.check_datasets(list(datasets))
             progress = bool(self.progress) and trainer.is_global_zero
             start = time.perf_counter()
             effects: dict[tuple[str, str, str], Effects] = {}
@@ -572,21 +547,24 @@ class CausalAttributionCallback(Callback):
                     with _naming_dataset(ds_name):
                         means = (
                             _global_site_means(trainer, model, sites, batches)
-                            if "mean" in self.interventions
+                            if "mean" in self.config.interventions
                             else None
                         )
-                        for iv in self.interventions:
-                            for metric, mname in zip(self.metrics, self.metric_names):
+                        for iv in self.config.interventions:
+                            for metric, mname in zip(self.config.metrics, self.config.metric_names):
                                 eff = self._local_effects(
                                     model, sites, batches, iv, metric, mname, means, replay, progress
                                 )
                                 effects[(iv, mname, ds_name)] = _reduce(trainer, eff)
+            cfg = self.config
             scores = spuriousness(
-                effects, self.intervention_weights, self.metric_weights, self.dataset_weights, self.reduction
-            )
+                effects, cfg.intervention_weights, cfg.metric_weights, cfg.dataset_weights, cfg.reduction,
+                model=model,
+            )  # fmt: skip
             scores.meta.update(
-                epoch=trainer.current_epoch, round=self.round + 1, granularity=sites.granularity
-            )
+                epoch=trainer.current_epoch, round=self.round + 1, granularity=sites.granularity,
+                config=cfg.to_dict(),
+            )  # fmt: skip
             self.effects, self.scores = effects, scores
             self.round += 1
             self.epoch = trainer.current_epoch
@@ -613,7 +591,7 @@ class CausalAttributionCallback(Callback):
         """Effects over this rank's batches (zeros if it has none). Swap partners are seeded by the batch's
         global index, as in one process over all batches, so swap runs batch by batch."""
         if not batches:
-            return _empty_effects(sites, intervention, name, self.method, self.alpha)
+            return _empty_effects(sites, intervention, name, self.config.method, self.config.alpha)
         groups = [[pair] for pair in batches] if intervention == "swap" else [list(batches)]
         out: Effects | None = None
         for group in groups:
@@ -623,8 +601,8 @@ class CausalAttributionCallback(Callback):
                 sites,
                 intervention,  # type: ignore[arg-type]
                 metric,
-                self.method,
-                self.alpha,
+                self.config.method,
+                self.config.alpha,
                 mean_values=means,
                 partner=self._partner(group[0][1]),
                 seed=group[0][0] if intervention == "swap" else 0,
