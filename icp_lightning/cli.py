@@ -153,7 +153,8 @@ def attribute(
         num_labels: for a Hugging Face model given by name or folder.
         top_k: features listed in the JSON summary.
     """
-    from icp_lightning.callbacks.attribution import CausalAttributionCallback, _heatmap
+    from icp_lightning.callbacks.attribution import CausalAttributionCallback
+    from icp_lightning.plotting import score_heatmap
     from icp_lightning.core.effects import causal_effects
     from icp_lightning.core.scores import spuriousness
     from icp_lightning.core.sites import find_sites
@@ -219,7 +220,7 @@ def attribute(
     scores.meta["granularity"] = sites.granularity
     scores.save(out_dir / "scores.pt")
     scores.to_json(out_dir / "scores.json", k=top_k)
-    fig = _heatmap(scores, f"spuriousness ({reduction})")
+    fig = score_heatmap(scores, f"spuriousness ({reduction})")
     fig.savefig(out_dir / "heatmap.png", dpi=120, bbox_inches="tight")
     print(json.dumps(scores.summary(top_k)["top"][:top_k], indent=1))
     print(f"wrote {out_dir}/scores.pt, scores.json, heatmap.png")

@@ -53,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,12 +65,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from icp_lightning.callbacks._distributed import (
+    _attribution_context,
+    _empty_effects,
+    _global_site_means,
+    _reduce,
+    _sampler_kwargs,
+    hf_model_of,
+    sharding_root,
+)
 from icp_lightning.core.attribution import AttributionConfig
 from icp_lightning.core.effects import Effects, Method, causal_effects
-from icp_lightning.core.interventions import InterventionKind, capture_site_inputs, model_inputs
-from icp_lightning.core.masks import masks_folded
+from icp_lightning.core.interventions import InterventionKind
 from icp_lightning.core.scores import Reduction, Scores, spuriousness
 from icp_lightning.core.sites import Granularity, Sites
+from icp_lightning.plotting import score_heatmap, top_table
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +345,8 @@ class CausalAttributionCallback(Callback):
         """The Hugging Face model inside ``pl_module`` (``model_attr``, else ``pl_module.model``, else itself)."""
         return hf_model_of(pl_module, self.model_attr)
 
-    def _resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
+    def resolve_sites(self, pl_module: pl.LightningModule) -> Sites:
+        """Find the sites in ``pl_module``'s HF model (after any wrapping) and keep them in ``self.sites``."""
         model = self.model_of(pl_module)
         try:
             self.sites = self.config.sites(model)
@@ -356,13 +366,13 @@ class CausalAttributionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._resolve_sites(pl_module)
+        self.resolve_sites(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model (FSDP2 fully_shard, PEFT wrapping) and FSDP1 wrapping run after setup: find the sites
         # again (same names: wrapper segments are dropped; in_features_of reads flat FSDP1 weights' sizes).
-        self._resolve_sites(pl_module)
+        self.resolve_sites(pl_module)
         kwargs = _sampler_kwargs(trainer)
         if kwargs:
             replicas = kwargs.get("num_replicas", trainer.world_size)
@@ -534,7 +544,7 @@ class CausalAttributionCallback(Callback):
         hook, so that masks and gradients made here are ordinary tensors.
         """
         with torch.inference_mode(False):
-            sites = self.sites if self.sites is not None else self._resolve_sites(pl_module)
+            sites = self.sites if self.sites is not None else self.resolve_sites(pl_module)
             model = self.model_of(pl_module)
             datasets = self._datasets(trainer, pl_module)
             self.config.check_datasets(list(datasets))
@@ -643,8 +653,8 @@ class CausalAttributionCallback(Callback):
                 values = values[torch.isfinite(values)]
                 if values.numel():
                     experiment.add_histogram(f"icp/scores/{name}", values, global_step=step)
-            experiment.add_text("icp/top_features", _top_table(scores, self.top_k_log), global_step=step)
-            figure = _heatmap(scores, f"spuriousness scores, epoch {epoch}")
+            experiment.add_text("icp/top_features", top_table(scores, self.top_k_log), global_step=step)
+            figure = score_heatmap(scores, f"spuriousness scores, epoch {epoch}")
             if figure is not None:
                 experiment.add_figure("icp/score_heatmap", figure, global_step=step, close=False)
         top = scores.top_k(min(3, self.top_k_log)) if self.top_k_log else []
@@ -667,12 +677,6 @@ def _naming_dataset(name: str) -> Iterator[None]:
         raise ValueError(f"attribution data set {name!r}: {err}") from err
 
 
-def _sampler_kwargs(trainer: pl.Trainer) -> dict[str, Any]:
-    """``num_replicas`` / ``rank`` of data parallelism (empty on a single device)."""
-    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
-    return dict(kwargs) if isinstance(kwargs, Mapping) else {}
-
-
 def _set_names(owner: Any, n: int) -> list[str] | None:
     """Names of ``n`` validation sets from ``val_set_names`` / ``eval_sets`` on ``owner`` (if they fit)."""
     for attr in ("val_set_names", "eval_sets"):
@@ -684,284 +688,9 @@ def _set_names(owner: Any, n: int) -> list[str] | None:
     return None
 
 
-def hf_model_of(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
-    """The Hugging Face model inside a LightningModule: the dotted ``model_attr``, else ``pl_module.model`` if that
-    is a module, else the LightningModule itself; an FSDP1 wrapper found there is replaced by the module it wraps.
-    Shared by the ICP callbacks.
-
-    Raises:
-        ValueError: ``model_attr`` names no attribute, or not an ``nn.Module``.
-    """
-    if model_attr is not None:
-        obj: Any = pl_module
-        for part in model_attr.split("."):
-            if not hasattr(obj, part):
-                children = [n for n, _ in pl_module.named_children()]
-                raise ValueError(
-                    f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}. "
-                    f"Child modules of the LightningModule: {children}"
-                )
-            obj = getattr(obj, part)
-        if not isinstance(obj, nn.Module):
-            raise ValueError(f"model_attr={model_attr!r} is a {type(obj).__name__}, not an nn.Module")
-        return _unwrap_fsdp1(obj)
-    inner = getattr(pl_module, "model", None)
-    return _unwrap_fsdp1(inner if isinstance(inner, nn.Module) else pl_module)
-
-
-def sharding_root(trainer: pl.Trainer, pl_module: nn.Module) -> nn.Module:
-    """The outermost module of the run: ``trainer.strategy.model`` (e.g. the FSDP1 root wrapper around the
-    LightningModule, which owns the parameters of no nested FSDP unit), else ``pl_module``."""
-    model = getattr(getattr(trainer, "strategy", None), "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
-
-
-def _fsdp1_class() -> type[nn.Module] | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except Exception:  # pragma: no cover - torch without distributed
-        return None
-    return FullyShardedDataParallel
-
-
-def _unwrap_fsdp1(module: nn.Module) -> nn.Module:
-    """The module an FSDP1 wrapper holds (``.module``: also past an activation-checkpoint wrapper), else itself."""
-    fsdp = _fsdp1_class()
-    while fsdp is not None and isinstance(module, fsdp):
-        wrapper: Any = module
-        module = wrapper.module
-    return module
-
-
-def _has_fsdp1(root: nn.Module) -> bool:
-    fsdp = _fsdp1_class()
-    return fsdp is not None and any(isinstance(m, fsdp) for m in root.modules())
-
-
-@contextmanager
-def fsdp1_full_params(root: nn.Module, writeback: bool) -> Iterator[bool]:
-    """FSDP1: every parameter under ``root`` unsharded (``summon_full_params(root, recurse=True)``) while inside.
-
-    With ``use_orig_params=True`` the original parameters then hold their full values (views of the unsharded
-    flat parameters); ``writeback=True`` copies in-place changes back into each rank's shard on exit. A
-    collective: every rank must enter it. Yields whether ``root`` has FSDP1 modules (without any, it does
-    nothing).
-    """
-    if not _has_fsdp1(root):
-        yield False
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    with FullyShardedDataParallel.summon_full_params(root, recurse=True, writeback=writeback):
-        yield True
-
-
-@contextmanager
-def _fsdp1_unwrapped(model: nn.Module) -> Iterator[None]:
-    """Take every FSDP1 wrapper inside ``model`` out of the module tree while inside (its parent holds the wrapped
-    module instead); put them back on exit, even when the body raises.
-
-    Use inside :func:`fsdp1_full_params`: the wrapped modules then compute on the full parameters, and no
-    wrapper forward runs (it would reshard after the forward, and all-gather at the next one: a collective that
-    ranks doing different numbers of forwards would not all join). Module names are those of the unwrapped
-    model, as the engine's patches (replay, readout) expect.
-    """
-    fsdp = _fsdp1_class()
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    if fsdp is not None:
-        for parent in model.modules():
-            for name, child in parent._modules.items():
-                if child is not None and isinstance(child, fsdp):
-                    swaps.append((parent, name, child))
-    try:
-        for parent, name, child in swaps:
-            parent._modules[name] = child._fsdp_wrapped_module  # type: ignore[assignment]
-        yield
-    finally:
-        for parent, name, child in reversed(swaps):
-            parent._modules[name] = child
-
-
-def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except Exception:  # pragma: no cover - torch without distributed
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-_GROUP_FLAGS = ("post_forward_mesh_info", "reshard_after_backward", "reduce_grads", "all_reduce_grads")
-
-
-@contextmanager
-def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
-    """Gather every FSDP2 module's parameters once and keep them unsharded until the context ends.
-
-    Without this, every forward of a ``fully_shard`` module all-gathers its parameters (and a backward, for the
-    gradient method, reshards and reduce-scatters), collectives that all ranks must join in the same order;
-    ranks holding different numbers of attribution batches would hang. Inside, resharding after forward and
-    backward and gradient reduction are off; on exit the previous settings are put back (FSDP2 has setters but
-    no getters for them, so they are saved from the parameter groups) and the parameters are resharded.
-    """
-    if not modules:
-        yield
-        return
-    saved = []
-    for module in modules:
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        groups = list(getattr(state, "_fsdp_param_groups", []))
-        flags = [(g, {k: getattr(g, k) for k in _GROUP_FLAGS if hasattr(g, k)}) for g in groups]
-        saved.append((state, getattr(state, "_auto_reshard_after_forward", None), flags))
-    try:
-        for module in modules:
-            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
-            for setter in ("set_reshard_after_backward", "set_requires_gradient_sync"):  # not in every torch
-                if hasattr(module, setter):
-                    getattr(module, setter)(False, recurse=False)
-        for module in modules:  # the same modules in the same order on every rank: one all-gather each
-            module.unshard()  # type: ignore[operator]
-        yield
-    finally:
-        for state, auto, flags in saved:
-            if auto is not None:
-                state._auto_reshard_after_forward = auto
-            for group, values in flags:
-                for key, value in values.items():
-                    setattr(group, key, value)
-        for module in modules:
-            module.reshard()  # type: ignore[operator]
-
-
-@contextmanager
-def _attribution_context(
-    model: nn.Module, root: nn.Module | None = None
-) -> Iterator[Literal["auto", "never"]]:
-    """Fold masks and gather sharded parameters once; yields the engine's ``replay``.
-
-    FSDP1 (any ``FullyShardedDataParallel`` under ``root``, default ``model``): full parameters without
-    writeback, wrappers out of ``model``'s tree, then fold (into the full parameters; restored before the
-    gather ends). FSDP2: reshard (so folding touches the real shards), fold, gather once.
-    """
-    fsdp = _fsdp2_modules(model)
-    for module in fsdp:
-        module.reshard()  # type: ignore[operator]
-    with ExitStack() as stack:
-        if stack.enter_context(fsdp1_full_params(model if root is None else root, writeback=False)):
-            stack.enter_context(_fsdp1_unwrapped(model))
-        folded = stack.enter_context(masks_folded(model))
-        stack.enter_context(_fsdp2_gathered(fsdp))
-        # A mask hook on a site disables the engine's rank-1 replay; full forwards are then exact for
-        # features whose mask is 1 (and pruned features are skipped by the pruning callback).
-        yield "auto" if folded else "never"
-
-
-@torch.no_grad()
-def _global_site_means(
-    trainer: pl.Trainer, model: nn.Module, sites: Sites, batches: Sequence[tuple[int, Mapping[str, Any]]]
-) -> dict[str, torch.Tensor]:
-    """Per-site mean input over the non-padding tokens of *all* ranks' batches (the ``mean`` intervention's
-    value; the engine alone would average over this rank's shard only). Same rule as
-    :func:`~icp_lightning.core.interventions.mean_site_inputs`, as float64 sums and counts, all-reduced."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sums = {n: torch.zeros(s.in_features, dtype=torch.float64) for n, s in sites.items()}
-    counts = {n: torch.zeros(1, dtype=torch.float64) for n in sites}
-    was_training = model.training
-    model.eval()
-    try:
-        for _, batch in batches:
-            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            store: dict[str, torch.Tensor] = {}
-            with capture_site_inputs(sites, store):
-                model(**model_inputs(model, on_device))
-            mask = on_device.get("attention_mask")
-            for name, h in store.items():
-                flat = h.reshape(-1, h.shape[-1]).double()
-                if isinstance(mask, torch.Tensor) and mask.shape == h.shape[:-1]:
-                    flat = flat[mask.reshape(-1).bool()]
-                sums[name] += flat.sum(0).cpu()
-                counts[name] += flat.shape[0]
-    finally:
-        model.train(was_training)
-    names = list(sites)
-    if trainer.world_size > 1:
-        flat = torch.cat([sums[n] for n in names] + [counts[n] for n in names]).to(
-            trainer.strategy.root_device
-        )
-        flat = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
-        sizes = [sums[n].numel() for n in names]
-        parts = torch.split(flat, sizes + [1] * len(names))
-        sums = dict(zip(names, parts[: len(names)]))
-        counts = dict(zip(names, parts[len(names) :]))
-    return {n: (sums[n] / counts[n].clamp_min(1.0)).float() for n in names}
-
-
-def _empty_effects(sites: Sites, intervention: str, metric: str, method: str, alpha: float) -> Effects:
-    zeros = {n: torch.zeros(s.n_features, dtype=torch.float64) for n, s in sites.items()}
-    meta = {
-        "intervention": intervention,
-        "alpha": alpha if intervention == "scale" else None,
-        "metric": metric,
-        "method": method,
-        "granularity": sites.granularity,
-    }
-    return Effects(zeros, {n: z.clone() for n, z in zeros.items()}, meta)
-
-
-def _reduce(trainer: pl.Trainer, effects: Effects) -> Effects:
-    """Sum the effects' ``sums`` and ``counts`` over all ranks (one all-reduce); meta from rank 0."""
-    if trainer.world_size <= 1:
-        return effects
-    names = list(effects.sums)
-    sizes = [effects.sums[n].numel() for n in names]
-    flat = torch.cat([effects.sums[n] for n in names] + [effects.counts[n] for n in names])
-    flat = trainer.strategy.reduce(flat.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-    parts = list(torch.split(flat, sizes + sizes))
-    meta = trainer.strategy.broadcast(effects.meta, src=0)
-    out = Effects(dict(zip(names, parts[: len(names)])), dict(zip(names, parts[len(names) :])), meta)
-    out.audit = meta.get("audit") if isinstance(meta, dict) else None
-    return out
-
-
 def _is_tensorboard(logger: Any) -> bool:
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
     except Exception:  # pragma: no cover
         return False
     return isinstance(logger, TensorBoardLogger)
-
-
-def _top_table(scores: Scores, k: int) -> str:
-    rows = ["| rank | site | feature | score |", "|---:|---|---:|---:|"]
-    for i, (site, feature, value) in enumerate(scores.top_k(k), start=1):
-        rows.append(f"| {i} | {site} | {feature} | {value:.6g} |")
-    return "\n".join(rows)
-
-
-def _heatmap(scores: Scores, title: str) -> Any:
-    """A sites x features heatmap (rows padded with NaN to the widest site), as a matplotlib Figure."""
-    try:
-        from matplotlib.figure import Figure
-    except Exception:  # pragma: no cover - matplotlib is a dependency
-        return None
-    names = list(scores)
-    if not names:
-        return None
-    width = max(scores[n].numel() for n in names)
-    grid = torch.full((len(names), width), float("nan"))
-    for i, n in enumerate(names):
-        grid[i, : scores[n].numel()] = scores[n]
-    finite = grid[torch.isfinite(grid)]
-    bound = float(finite.abs().max()) if finite.numel() else 1.0
-    bound = bound if bound > 0 else 1.0
-    fig = Figure(figsize=(min(16.0, 2.0 + width / 16), 1.0 + 0.35 * len(names)))
-    ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(
-        grid.numpy(), aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, interpolation="nearest"
-    )
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=6)
-    ax.set_xlabel("feature")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig

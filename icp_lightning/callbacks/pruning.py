@@ -54,12 +54,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from icp_lightning.callbacks.attribution import (
-    CausalAttributionCallback,
-    _has_fsdp1,
-    fsdp1_full_params,
-    sharding_root,
-)
+from icp_lightning.callbacks._distributed import _has_fsdp1, fsdp1_full_params, sharding_root
+from icp_lightning.callbacks.attribution import CausalAttributionCallback
 from icp_lightning.core.masks import (
     apply_masks,
     enforce_masks,
@@ -249,7 +245,7 @@ class CausalPruningCallback(Callback):
             assert self.attribution is not None
             sites = self.attribution.sites
             if sites is None:
-                sites = self.attribution._resolve_sites(pl_module)
+                sites = self.attribution.resolve_sites(pl_module)
             unknown = [n for n in self.masks if n not in sites]
             if unknown:
                 raise ValueError(
