@@ -154,10 +154,10 @@ def attribute(
         top_k: features listed in the JSON summary.
     """
     from icp_lightning.callbacks.attribution import CausalAttributionCallback
-    from icp_lightning.plotting import score_heatmap
     from icp_lightning.core.effects import causal_effects
     from icp_lightning.core.scores import spuriousness
     from icp_lightning.core.sites import find_sites
+    from icp_lightning.plotting import score_heatmap
 
     names = list(datasets) if datasets else (list(dataset_weights) if dataset_weights else None)
     available = data.eval_set_names
