@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from icp_lightning.callbacks.attribution import hf_model_of
+from icp_lightning.callbacks._distributed import hf_model_of
 from icp_lightning.core.reweight import refit_head
 
 

@@ -22,7 +22,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback  # noqa: E402
-from icp_lightning.callbacks.attribution import fsdp1_full_params  # noqa: E402
+from icp_lightning.callbacks._distributed import fsdp1_full_params  # noqa: E402
 from icp_lightning.core.masks import effective_weight, get_masks  # noqa: E402
 from tests.callbacks._helpers import TinyClassifier  # noqa: E402
 

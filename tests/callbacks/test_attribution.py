@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+import icp_lightning.callbacks._distributed as distributed_module
 import icp_lightning.callbacks.attribution as attribution_module
 from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
 from icp_lightning.core.effects import Effects, causal_effects
@@ -386,4 +387,4 @@ def test_attribution_context_without_fsdp_folds_and_restores():
         assert replay == "auto" and get_masks(model) == {}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert set(get_masks(model)) == set(sites.names)
-    assert attribution_module.sharding_root(SimpleNamespace(), module) is module
+    assert distributed_module.sharding_root(SimpleNamespace(), module) is module
