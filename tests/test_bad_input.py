@@ -164,3 +164,11 @@ def test_training_with_labels_outside_num_labels_names_num_labels():
     batch["labels"] = torch.tensor([0, 1, 3, 0])
     with pytest.raises(ValueError, match=r"num_labels=2\); got labels \[3\]"):
         module.task_loss(module.logits(batch), batch)
+
+
+def test_a_non_differentiable_metric_under_gradient_names_the_fix():
+    model = tiny_bert().eval()
+    with pytest.raises(ValueError, match="'accuracy' is not differentiable .* method='exact'"):
+        causal_effects(model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="gradient")
+    exact = causal_effects(model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="exact")
+    assert all(torch.isfinite(exact[n]).all() for n in exact)

@@ -901,6 +901,12 @@ def _gradient(
             with torch.enable_grad():
                 out = model(**model_inputs(model, batch))
                 m = check_metric_values(metric(out, batch), metric_name(metric), n, batch_metric)
+                if not m.requires_grad:
+                    raise ValueError(
+                        f"metric {metric_name(metric)!r} is not differentiable (e.g. an arg-max), so "
+                        "method='gradient' cannot attribute it: use a smooth metric ('label_logprob', 'margin', "
+                        "'label_prob') or method='exact'"
+                    )
                 total = m.reshape(()) * n if batch_metric else m.sum()
                 names = list(zs)
                 grads = torch.autograd.grad(total, [zs[k] for k in names], allow_unused=True)
