@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -253,6 +253,41 @@ def load_tokenizer(name: str, kwargs: Mapping[str, Any]) -> Any:
     return tok
 
 
+def _map_rows(
+    ds: Dataset,
+    fn: Callable[..., dict[str, list[Any]]],
+    split: str,
+    tokenizer: Any,
+    max_length: int,
+    columns: dict[str, str],
+    flag: str,
+    flag_column: str,
+    **more: Any,
+) -> Dataset:
+    """``ds.map`` of a batched tokenising ``fn`` over a canonical set, replacing its columns with ``fn``'s.
+
+    ``fn`` gets ``flag`` (whether ``ds`` has the column ``flag_column``), ``has_cf`` and ``has_group`` (whether it
+    has ``cf_text`` / ``group``), ``more``, and the tokenizer, ``max_length``, ``split`` and ``columns``.
+    """
+    present = ds.column_names
+    return ds.map(
+        fn,
+        batched=True,
+        remove_columns=present,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            flag: flag_column in present,
+            "has_cf": "cf_text" in present,
+            "has_group": "group" in present,
+            **more,
+            "split": split,
+            "columns": columns,
+        },
+        desc=f"tokenizing {split}",
+    )
+
+
 def tokenize_classification(
     ds: Dataset, split: str, tokenizer: Any, max_length: int, columns: dict[str, str]
 ) -> Dataset:
@@ -260,21 +295,7 @@ def tokenize_classification(
 
     ``columns`` names the user's ``text`` / ``text_pair`` columns, for error messages.
     """
-    return ds.map(
-        _tokenize_batch,
-        batched=True,
-        remove_columns=ds.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_length": max_length,
-            "has_pair": "text_pair" in ds.column_names,
-            "has_cf": "cf_text" in ds.column_names,
-            "has_group": "group" in ds.column_names,
-            "split": split,
-            "columns": columns,
-        },
-        desc=f"tokenizing {split}",
-    )
+    return _map_rows(ds, _tokenize_batch, split, tokenizer, max_length, columns, "has_pair", "text_pair")
 
 
 def tokenize_lm(
@@ -285,21 +306,16 @@ def tokenize_lm(
     ``columns`` names the user's ``text`` / ``answer`` / ``cf_text`` columns, for error messages.
     """
     has_cf = "cf_text" in ds.column_names
-    out = ds.map(
+    out = _map_rows(
+        ds,
         _tokenize_lm_batch,
-        batched=True,
-        remove_columns=ds.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_length": max_length,
-            "has_answer": "answer" in ds.column_names,
-            "has_cf": has_cf,
-            "has_group": "group" in ds.column_names,
-            "pair_labels": pair_labels,
-            "split": split,
-            "columns": columns,
-        },
-        desc=f"tokenizing {split}",
+        split,
+        tokenizer,
+        max_length,
+        columns,
+        "has_answer",
+        "answer",
+        pair_labels=pair_labels,
     )
     if has_cf and pair_labels == "full":
         _warn_uneven_pairs(out, split)
