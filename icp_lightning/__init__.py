@@ -1,61 +1,117 @@
 """icp_lightning: Intervention-Based Causal Pruning for Hugging Face models, the Lightning way.
 
 The pure-torch engine (``find_sites``, ``causal_effects``, ``spuriousness``, masks, counterfactuals) imports
-without Lightning; the Lightning layer (callbacks, module, data module, CLI) loads lazily on first use.
+without Lightning; the Lightning layer (callbacks, module, data module, CLI) needs it. Every public name loads
+lazily on first use, so ``import icp_lightning`` (and ``icp --help``) does not import torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from icp_lightning.core.counterfactuals import (
-    CounterfactualOutput,
-    InterventionCounterfactual,
-    InversionCounterfactual,
-    PairedCounterfactual,
-    TokenEditCounterfactual,
-    TokenSwapCounterfactual,
-    build_counterfactual,
-    register_counterfactual,
-)
-from icp_lightning.core.effects import Effects, causal_effects
-from icp_lightning.core.interventions import Intervention, intervene
-from icp_lightning.core.losses import ICPLoss, counterfactual_kl
-from icp_lightning.core.masks import (
-    apply_masks,
-    effective_weight,
-    enforce_masks,
-    get_masks,
-    load_masks_state,
-    load_slimmed,
-    make_permanent,
-    remove_masks,
-    restore_masks,
-    save_slimmed,
-    slim,
-    temporary_masks,
-)
-from icp_lightning.core.reweight import refit_head
-from icp_lightning.core.scores import Scores, spuriousness
-from icp_lightning.core.sites import Site, Sites, find_sites
-from icp_lightning.core.tokens import (
-    discover_tokens,
-    mask_input_tokens,
-    remove_input_tokens,
-    word_continuation_ids,
-)
+if TYPE_CHECKING:
+    from icp_lightning.callbacks import CausalAttributionCallback, CausalPruningCallback
+    from icp_lightning.callbacks.refit import HeadRefitCallback
+    from icp_lightning.callbacks.repair import TokenRepairCallback, choose_repair
+    from icp_lightning.callbacks.report import ReliabilityReport
+    from icp_lightning.core.attribution import AttributionConfig, attribute
+    from icp_lightning.core.counterfactuals import (
+        CounterfactualOutput,
+        InterventionCounterfactual,
+        InversionCounterfactual,
+        PairedCounterfactual,
+        TokenEditCounterfactual,
+        TokenSwapCounterfactual,
+        build_counterfactual,
+        register_counterfactual,
+    )
+    from icp_lightning.core.effects import Effects, causal_effects
+    from icp_lightning.core.interventions import Intervention, intervene
+    from icp_lightning.core.losses import ICPLoss, counterfactual_kl
+    from icp_lightning.core.masks import (
+        apply_masks,
+        effective_weight,
+        enforce_masks,
+        get_masks,
+        load_masks_state,
+        load_slimmed,
+        make_permanent,
+        remove_masks,
+        restore_masks,
+        save_slimmed,
+        slim,
+        temporary_masks,
+    )
+    from icp_lightning.core.reweight import refit_head
+    from icp_lightning.core.scores import Scores, spuriousness
+    from icp_lightning.core.selection import select_masks
+    from icp_lightning.core.sites import Site, Sites, check_scores_fit, find_sites, sites_for_scores
+    from icp_lightning.core.tokens import (
+        discover_tokens,
+        mask_input_tokens,
+        remove_input_tokens,
+        word_continuation_ids,
+    )
+    from icp_lightning.data import ICPDataModule, plant_shortcut
+    from icp_lightning.module import ICPContrastiveModule
+    from icp_lightning.plotting import score_heatmap, top_table
+    from icp_lightning.recipes import RECIPES, load_recipe
 
-_LAZY = {
+#: public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
     "CausalAttributionCallback": "icp_lightning.callbacks",
     "CausalPruningCallback": "icp_lightning.callbacks",
-    "ReliabilityReport": "icp_lightning.callbacks.report",
     "HeadRefitCallback": "icp_lightning.callbacks.refit",
     "TokenRepairCallback": "icp_lightning.callbacks.repair",
     "choose_repair": "icp_lightning.callbacks.repair",
-    "ICPContrastiveModule": "icp_lightning.module",
+    "ReliabilityReport": "icp_lightning.callbacks.report",
+    "AttributionConfig": "icp_lightning.core.attribution",
+    "attribute": "icp_lightning.core.attribution",
+    "CounterfactualOutput": "icp_lightning.core.counterfactuals",
+    "InterventionCounterfactual": "icp_lightning.core.counterfactuals",
+    "InversionCounterfactual": "icp_lightning.core.counterfactuals",
+    "PairedCounterfactual": "icp_lightning.core.counterfactuals",
+    "TokenEditCounterfactual": "icp_lightning.core.counterfactuals",
+    "TokenSwapCounterfactual": "icp_lightning.core.counterfactuals",
+    "build_counterfactual": "icp_lightning.core.counterfactuals",
+    "register_counterfactual": "icp_lightning.core.counterfactuals",
+    "Effects": "icp_lightning.core.effects",
+    "causal_effects": "icp_lightning.core.effects",
+    "Intervention": "icp_lightning.core.interventions",
+    "intervene": "icp_lightning.core.interventions",
+    "ICPLoss": "icp_lightning.core.losses",
+    "counterfactual_kl": "icp_lightning.core.losses",
+    "apply_masks": "icp_lightning.core.masks",
+    "effective_weight": "icp_lightning.core.masks",
+    "enforce_masks": "icp_lightning.core.masks",
+    "get_masks": "icp_lightning.core.masks",
+    "load_masks_state": "icp_lightning.core.masks",
+    "load_slimmed": "icp_lightning.core.masks",
+    "make_permanent": "icp_lightning.core.masks",
+    "remove_masks": "icp_lightning.core.masks",
+    "restore_masks": "icp_lightning.core.masks",
+    "save_slimmed": "icp_lightning.core.masks",
+    "slim": "icp_lightning.core.masks",
+    "temporary_masks": "icp_lightning.core.masks",
+    "refit_head": "icp_lightning.core.reweight",
+    "Scores": "icp_lightning.core.scores",
+    "spuriousness": "icp_lightning.core.scores",
+    "select_masks": "icp_lightning.core.selection",
+    "Site": "icp_lightning.core.sites",
+    "Sites": "icp_lightning.core.sites",
+    "check_scores_fit": "icp_lightning.core.sites",
+    "find_sites": "icp_lightning.core.sites",
+    "sites_for_scores": "icp_lightning.core.sites",
+    "discover_tokens": "icp_lightning.core.tokens",
+    "mask_input_tokens": "icp_lightning.core.tokens",
+    "remove_input_tokens": "icp_lightning.core.tokens",
+    "word_continuation_ids": "icp_lightning.core.tokens",
     "ICPDataModule": "icp_lightning.data",
     "plant_shortcut": "icp_lightning.data",
+    "ICPContrastiveModule": "icp_lightning.module",
+    "score_heatmap": "icp_lightning.plotting",
+    "top_table": "icp_lightning.plotting",
     "RECIPES": "icp_lightning.recipes",
     "load_recipe": "icp_lightning.recipes",
 }
@@ -63,12 +119,18 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'icp_lightning' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
-    "RECIPES",
+    "AttributionConfig",
     "CausalAttributionCallback",
     "CausalPruningCallback",
     "CounterfactualOutput",
@@ -81,6 +143,7 @@ __all__ = [
     "InterventionCounterfactual",
     "InversionCounterfactual",
     "PairedCounterfactual",
+    "RECIPES",
     "ReliabilityReport",
     "Scores",
     "Site",
@@ -89,11 +152,15 @@ __all__ = [
     "TokenRepairCallback",
     "TokenSwapCounterfactual",
     "apply_masks",
+    "attribute",
     "build_counterfactual",
-    "choose_repair",
     "causal_effects",
+    "check_scores_fit",
+    "choose_repair",
     "counterfactual_kl",
+    "discover_tokens",
     "effective_weight",
+    "enforce_masks",
     "find_sites",
     "get_masks",
     "intervene",
@@ -101,19 +168,21 @@ __all__ = [
     "load_recipe",
     "load_slimmed",
     "make_permanent",
+    "mask_input_tokens",
     "plant_shortcut",
     "refit_head",
-    "discover_tokens",
-    "mask_input_tokens",
     "register_counterfactual",
     "remove_input_tokens",
     "remove_masks",
     "restore_masks",
-    "temporary_masks",
-    "enforce_masks",
     "save_slimmed",
+    "score_heatmap",
+    "select_masks",
+    "sites_for_scores",
     "slim",
     "spuriousness",
+    "temporary_masks",
+    "top_table",
     "word_continuation_ids",
 ]
 __version__ = "0.1.0"

@@ -117,3 +117,13 @@ def test_the_readme_command_lines_run_verbatim(tmp_path, monkeypatch, capsys):
     assert all(Path("report", f).is_file() for f in ("scores.json", "heatmap.png"))
     assert re.search(r"pruned \d+ of 96 neuron features", out)
     assert Path("pruned/icp_slim.json").is_file() and Path("pruned/config.json").is_file()
+
+
+def test_icp_help_does_not_import_torch():
+    """`icp --help` answers without importing torch (the budget is 5 s; it takes well under 1 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from icp_lightning.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
