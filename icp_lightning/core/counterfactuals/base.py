@@ -3,8 +3,9 @@
 :class:`CounterfactualOutput` is what every strategy returns and :class:`CounterfactualStrategy` the one method
 it has; :func:`select_features` picks the spurious features a strategy acts on, and ``_FeatureCounterfactual``
 holds the settings shared by the strategies that intervene on them (which features, and the value v of
-do(h = v)). :class:`InterventionCounterfactual` is the representation-level strategy: the model itself under
-do(h = v). The input-level inverses live in :mod:`.search`, the given ones in :mod:`.lexical`.
+do(h = v)) and their ``build``: select the features, then hand them to the strategy's ``_build``.
+:class:`InterventionCounterfactual` is the representation-level strategy: the model itself under do(h = v).
+The input-level inverses live in :mod:`.search`, the given ones in :mod:`.lexical`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CounterfactualKind = Literal["swap", "mask"]
 Partner = Literal["permutation", "paired"]
 EditKind = Literal["mask", "delete", "hotflip"]
 Projection = Literal["cosine", "l2"]
+_Batch = Mapping[str, Any]
+_Feats = Mapping[str, torch.Tensor]
 
 
 @dataclass
@@ -149,6 +152,11 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     raise ValueError(f"the batch needs 'input_ids' or 'inputs_embeds'; it has keys {sorted(batch)}")
 
 
+def _n_features(feats: _Feats) -> int:
+    """How many features are selected, over all sites."""
+    return sum(int(f.numel()) for f in feats.values())
+
+
 def _check_kind(kind: str, partner: str) -> None:
     if kind not in ("swap", "mask"):
         raise ValueError(f"kind must be 'swap' or 'mask', got {kind!r}")
@@ -175,6 +183,23 @@ class _FeatureCounterfactual:
         self.kind: CounterfactualKind = kind
         self.partner: Partner = partner
         self.seed = seed
+
+    def build(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        scores: Mapping[str, torch.Tensor] | None,
+        sites: Sites | None,
+    ) -> CounterfactualOutput | None:
+        """The counterfactual of ``batch`` on the selected features (``None``: no scores, or none selected)."""
+        chosen = self._features(scores, sites)
+        if chosen is None:
+            return None
+        return self._build(model, batch, *chosen)
+
+    def _build(self, model: nn.Module, batch: _Batch, sites: Sites, feats: _Feats) -> CounterfactualOutput:
+        """The strategy itself, on the sites of the selected features (``feats``: site -> feature indices)."""
+        raise NotImplementedError
 
     def _features(
         self, scores: Mapping[str, torch.Tensor] | None, sites: Sites | None
@@ -260,20 +285,11 @@ class InterventionCounterfactual(_FeatureCounterfactual):
     ) -> None:
         super().__init__(tau_c, top_k, kind, partner, seed)
 
-    def build(
-        self,
-        model: nn.Module,
-        batch: Mapping[str, Any],
-        scores: Mapping[str, torch.Tensor] | None,
-        sites: Sites | None,
-    ) -> CounterfactualOutput | None:
+    def _build(self, model: nn.Module, batch: _Batch, sites: Sites, feats: _Feats) -> CounterfactualOutput:
         """The logits of ``model`` on ``batch`` with the selected features set to v."""
-        chosen = self._features(scores, sites)
-        if chosen is None:
-            return None
-        sub, feats = chosen
-        intervention = self._intervention(model, batch, sub)
-        with intervene(sub, feats, intervention):
+        intervention = self._intervention(model, batch, sites)
+        with intervene(sites, feats, intervention):
             out = model(**model_inputs(model, batch))
-        n_features = sum(int(f.numel()) for f in feats.values())
-        return CounterfactualOutput(logits=out.logits, info={"n_features": n_features, "sites": list(feats)})
+        return CounterfactualOutput(
+            logits=out.logits, info={"n_features": _n_features(feats), "sites": list(feats)}
+        )

@@ -21,7 +21,10 @@ from icp_lightning.core.counterfactuals.base import (
     EditKind,
     Partner,
     Projection,
+    _Batch,
+    _Feats,
     _FeatureCounterfactual,
+    _n_features,
     eval_mode,
 )
 from icp_lightning.core.interventions import capture_site_inputs, model_inputs
@@ -219,18 +222,8 @@ class InversionCounterfactual(_FeatureCounterfactual):
         self.keep_weight = keep_weight
         self.special_token_ids = special_token_ids
 
-    def build(
-        self,
-        model: nn.Module,
-        batch: Mapping[str, Any],
-        scores: Mapping[str, torch.Tensor] | None,
-        sites: Sites | None,
-    ) -> CounterfactualOutput | None:
+    def _build(self, model: nn.Module, batch: _Batch, sub: Sites, feats: _Feats) -> CounterfactualOutput:
         """Optimise the input embeddings of ``batch`` toward the intervened activations."""
-        chosen = self._features(scores, sites)
-        if chosen is None:
-            return None
-        sub, feats = chosen
         ids = batch.get("input_ids")
         if not isinstance(ids, torch.Tensor):
             raise ValueError(
@@ -252,7 +245,7 @@ class InversionCounterfactual(_FeatureCounterfactual):
             "reconstruction_error": errors,
             "initial_error": errors[0],
             "final_error": errors[-1],
-            "n_features": sum(int(f.numel()) for f in feats.values()),
+            "n_features": _n_features(feats),
         }
         rest = goal.rest
         result = embeds.detach()
@@ -397,18 +390,8 @@ class TokenEditCounterfactual(_FeatureCounterfactual):
                 return value
         return 0
 
-    def build(
-        self,
-        model: nn.Module,
-        batch: Mapping[str, Any],
-        scores: Mapping[str, torch.Tensor] | None,
-        sites: Sites | None,
-    ) -> CounterfactualOutput | None:
+    def _build(self, model: nn.Module, batch: _Batch, sub: Sites, feats: _Feats) -> CounterfactualOutput:
         """Greedy token edits of ``batch["input_ids"]`` toward the intervened activations."""
-        chosen = self._features(scores, sites)
-        if chosen is None:
-            return None
-        sub, feats = chosen
         ids0 = batch.get("input_ids")
         if not isinstance(ids0, torch.Tensor) or ids0.dim() != 2:
             raise ValueError(
@@ -440,7 +423,7 @@ class TokenEditCounterfactual(_FeatureCounterfactual):
             "edited_positions": positions,
             "mismatch": history,
             "relative_mismatch": rel.tolist(),
-            "n_features": sum(int(f.numel()) for f in feats.values()),
+            "n_features": _n_features(feats),
         }
         return CounterfactualOutput(batch=out_batch, info=info)
 
