@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,10 +103,6 @@ def _load_model(model: str, num_labels: int) -> torch.nn.Module:
     return hf  # type: ignore[no-any-return]
 
 
-def _first_batch(loader: Any) -> Mapping[str, Any]:
-    return next(iter(loader))  # type: ignore[no-any-return]
-
-
 def attribute(
     model: str,
     data: ICPDataModule,
@@ -153,10 +149,8 @@ def attribute(
         num_labels: for a Hugging Face model given by name or folder.
         top_k: features listed in the JSON summary.
     """
-    from icp_lightning.callbacks.attribution import CausalAttributionCallback
-    from icp_lightning.core.effects import causal_effects
-    from icp_lightning.core.scores import spuriousness
-    from icp_lightning.core.sites import find_sites
+    from icp_lightning.core.attribution import AttributionConfig
+    from icp_lightning.core.attribution import attribute as run_attribution
     from icp_lightning.plotting import score_heatmap
 
     names = list(datasets) if datasets else (list(dataset_weights) if dataset_weights else None)
@@ -168,8 +162,8 @@ def attribute(
             f"evaluation sets {unknown} do not exist in the data module; it has {available} "
             "(set --datasets / --dataset_weights to some of these, or change --data.*)"
         )
-    # Every setting checked before any computing, by the same rules as the attribution callback.
-    checked = CausalAttributionCallback(
+    # Every setting checked before any computing: the one configuration the callback and benchmarks use.
+    config = AttributionConfig(
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         granularity=granularity,
@@ -180,65 +174,25 @@ def attribute(
         metric_weights=metric_weights,
         dataset_weights=dataset_weights,
         reduction=reduction,
-        attribution_data={n: n for n in chosen},
         method=method,
         max_batches=max_batches,
         partner=partner,
-        progress=False,
     )
+    config.check_datasets(chosen)
     hf = _load_model(model, num_labels)
-    sites = find_sites(
-        hf, target_modules=target_modules, exclude_modules=exclude_modules, granularity=granularity
-    )
     data.setup("fit")
-    loaders = data.attribution_dataloaders(chosen)
-    effects: dict[tuple[str, str, str], Any] = {}
+    scores, effects = run_attribution(hf, data.attribution_dataloaders(chosen), config)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, loader in loaders.items():
-        pair: Literal["permutation", "paired"] = "permutation"
-        if partner == "paired" or (partner == "auto" and "cf_input_ids" in _first_batch(loader)):
-            pair = "paired"
-        for iv in checked.interventions:
-            for metric, metric_label in zip(checked.metrics, checked.metric_names):
-                eff = causal_effects(
-                    hf,
-                    loader,
-                    sites,
-                    iv,  # type: ignore[arg-type]
-                    metric,  # type: ignore[arg-type]
-                    method,
-                    checked.alpha,
-                    partner=pair,
-                    max_batches=max_batches,
-                    progress=False,
-                )
-                suffix = f"_{metric_label}" if len(checked.metrics) > 1 else ""
-                eff.save(out_dir / f"effects_{name}_{iv}{suffix}.pt")
-                effects[(iv, metric_label, name)] = eff
-    scores = spuriousness(effects, intervention_weights, metric_weights, dataset_weights, reduction, model=hf)
-    scores.meta["granularity"] = sites.granularity
+    for (iv, metric_label, name), eff in effects.items():
+        suffix = f"_{metric_label}" if len(config.metrics) > 1 else ""
+        eff.save(out_dir / f"effects_{name}_{iv}{suffix}.pt")
     scores.save(out_dir / "scores.pt")
     scores.to_json(out_dir / "scores.json", k=top_k)
     fig = score_heatmap(scores, f"spuriousness ({reduction})")
     fig.savefig(out_dir / "heatmap.png", dpi=120, bbox_inches="tight")
     print(json.dumps(scores.summary(top_k)["top"][:top_k], indent=1))
     print(f"wrote {out_dir}/scores.pt, scores.json, heatmap.png")
-
-
-def _already_pruned(sites: Any) -> dict[str, torch.Tensor]:
-    """Masks of the features whose input columns are all exactly zero (pruned by ``icp fit``): 0 there, else 1."""
-    import torch
-
-    from icp_lightning.core.masks import effective_weight
-
-    masks = {}
-    with torch.no_grad():
-        for name, site in sites.items():
-            weight = effective_weight(site.module).detach()
-            alive = (weight != 0).any(dim=0).reshape(site.n_features, site.group_size).any(dim=1)
-            masks[name] = alive.float()
-    return masks
 
 
 def prune(
@@ -271,7 +225,9 @@ def prune(
         slim_model: physically remove the pruned neurons/heads (see ``icp_lightning.slim``).
         num_labels: for a Hugging Face model given by name or folder.
     """
-    from icp_lightning.core.masks import apply_masks, make_permanent, save_slimmed, slim
+    import torch
+
+    from icp_lightning.core.masks import apply_masks, make_permanent, restore_masks, save_slimmed, slim
     from icp_lightning.core.scores import Scores
     from icp_lightning.core.selection import check_amount, select_masks
     from icp_lightning.core.sites import sites_for_scores
@@ -285,7 +241,8 @@ def prune(
     sc = Scores.load(scores)
     hf = _load_model(model, num_labels)
     sites = sites_for_scores(hf, sc)
-    current = _already_pruned(sites)
+    installed = restore_masks(hf, sites)  # features pruned by icp fit: all their columns are exactly zero
+    current = {n: installed.get(n, torch.ones(site.n_features)) for n, site in sites.items()}
     masks = select_masks(
         sc, current, threshold=threshold, amount=amount, scope=scope, min_keep=min_keep, sites=sites
     )
