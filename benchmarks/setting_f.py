@@ -695,7 +695,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     targets = {
         "flip rate at most half of ERM's (mean)": [statistics.mean(icp_flip), statistics.mean(erm_flip) / 2,
                                                     statistics.mean(icp_flip) <= statistics.mean(erm_flip) / 2],
-        "|FPR gap| at most half of ERM's (mean)": [statistics.mean(icp_gap), statistics.mean(erm_gap) / 2,
+        "abs. FPR gap at most half of ERM's (mean)": [statistics.mean(icp_gap), statistics.mean(erm_gap) / 2,
                                                     statistics.mean(icp_gap) <= statistics.mean(erm_gap) / 2],
         "accuracy within 1 point of ERM's (mean)": [statistics.mean(icp_acc), statistics.mean(erm_acc) - 0.01,
                                                      statistics.mean(icp_acc) >= statistics.mean(erm_acc) - 0.01],
@@ -706,7 +706,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         gap_d = [x - abs(y) for x, y in zip(icp_gap, per_seed(base, "fpr_gap"))]
         acc_d = [x - y for x, y in zip(icp_acc, per_seed(base, "acc"))]
         wins = sum(1 for g, a in zip(gap_d, acc_d) if g < 0 and a >= 0)
-        targets[f"|FPR gap| below {base}'s at equal or better accuracy (seeds of {len(runs)})"] = [
+        targets[f"abs. FPR gap below {base}'s at equal or better accuracy (seeds of {len(runs)})"] = [
             wins,
             4,
             wins >= min(4, len(runs)),
