@@ -842,7 +842,9 @@ def gap_cause(models: Path, seeds: list[int], out: Path, max_length: int) -> dic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--quick", action="store_true", help="one seed, 300 training sentences, into results/quick/"
+        "--quick",
+        action="store_true",
+        help="one seed, 240 training and 200 test sentences, into results/quick/",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
@@ -870,7 +872,7 @@ def main() -> None:
     )
     args = parse_args(p)
     if args.quick:
-        args.seeds, args.train, args.test = [0], 300, args.test or 240
+        args.seeds, args.train, args.test = [0], 240, args.test or 200
         args.prune_k = [6, 12]
     out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "")
     if args.gap_cause:
