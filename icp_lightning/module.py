@@ -54,7 +54,7 @@ from icp_lightning.core.losses import (
     kl_weight_at,
     total_loss,
 )
-from icp_lightning.core.sites import Granularity, Sites, find_sites
+from icp_lightning.core.sites import Granularity, Sites, check_scores_fit, find_sites
 from icp_lightning.metrics import CounterfactualFlipRate, ReliabilityMetrics
 
 Task = Literal["sequence_classification", "causal_lm", "seq2seq"]
@@ -482,15 +482,7 @@ class ICPContrastiveModule(pl.LightningModule):
                 sites = current
             else:
                 sites = self._sites_named(names, scores)
-        for name in names:
-            if name not in sites:
-                raise ValueError(f"scores name site {name!r}, which is not among the sites {sites.names}")
-            n = torch.as_tensor(scores[name]).numel()
-            if n != sites[name].n_features:
-                raise ValueError(
-                    f"scores for {name!r} have {n} entries but the site has {sites[name].n_features} features "
-                    f"({sites.granularity} granularity): pass the Sites the scores were computed on"
-                )
+        check_scores_fit(scores, sites)
         self.icp_scores = scores
         self.icp_sites = sites
 
