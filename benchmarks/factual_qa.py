@@ -1087,6 +1087,29 @@ def _markdown(
             f"{_fmt(row['ood.hallucination'], True)} | {_fmt(row['ood.unsupported_confident'], True)} | "
             f"{_fmt(row['nq.contains'], True)} | {_fmt(row['nq.hallucination'], True)} |"
         )
+    lines += [
+        "",
+        "Does any model read the passage? Per method (ID test, mean over seeds): the share of yes answers (the ID "
+        "test sample's yes share is the majority-class accuracy), the AUROC of the log-odds for the label "
+        "(0.5: no evidence used), the share of questions answered the same with the real and an irrelevant "
+        "passage, the mean confidence with an irrelevant passage, and the fitted temperature.",
+        "",
+        "| method | yes share | AUROC of log-odds | same answer with irrelevant passage | mean conf., irrelevant | "
+        "temperature |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, per in rows.items():
+        if method.endswith("+ TS"):
+            continue
+        parts = [r["part"] for r in per.values()]
+        ids = [p["metrics"]["id"] for p in parts]
+        lines.append(
+            f"| {method} | {_fmt(_ms([m['yes_share'] for m in ids]), True)} | "
+            f"{_fmt(_ms([m['auroc_logodds'] for m in ids]), False)} | "
+            f"{_fmt(_ms([m['irrelevant_agreement'] for m in ids]), True)} | "
+            f"{_fmt(_ms([m['unsupported_mean_conf'] for m in ids]), False)} | "
+            f"{_fmt(_ms([p['temperature'] for p in parts]), False)} |"
+        )
     lines += ["", "## Targets (paired per seed against LoRA; ECE also against LoRA + TS)", ""]
     lines += ["| method | target | paired difference (mean ± std) | relative | seeds won | met |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -1114,16 +1137,30 @@ def _markdown(
             f"{c.get('choose_k_s', math.nan):.0f} | {c.get('peak_rss_mb', math.nan):.0f} | {c.get('k', '')} |"
         )
     icp = rows.get("ICP", {})
-    if icp:
-        first = icp[min(icp)]["part"]
-        lines += [
-            "",
-            f"ICP seed {min(icp)}: k = {first.get('k')} of {sum(1 for _ in first.get('removed', {}))} sites' neurons; "
-            f"validation (AUROC, unsupported confidence) per k {first.get('k_table')} (unpruned {first.get('base_val')}); "
-            f"pruned neurons per layer {first.get('removed_per_layer')}; temperature of ICP + TS "
-            f"{first.get('temperature', math.nan):.2f}.",
-        ]
+    for seed in sorted(icp):
+        part = icp[seed]["part"]
+        lines.append(
+            f"- ICP seed {seed}: k = {part.get('k')}, pruned neurons per layer {part.get('removed_per_layer')}, "
+            f"validation (AUROC, mean confidence with irrelevant passages) per k {_round(part.get('k_table'))}, "
+            f"unpruned {_round(part.get('base_val'))}; training BCE {_round(part['history']['bce'])}, "
+            f"KL {_round(part['history']['kl'])}."
+        )
+    lines += [
+        "",
+        "A hallucination rate of n/a means no answer was confident (above the threshold): temperature scaling "
+        "with a large fitted temperature makes every answer unconfident.",
+    ]
     return lines
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 3)
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v) for v in obj]
+    return obj
 
 
 def _plot(summary: Mapping[str, Any], path: Path) -> None:
