@@ -2,9 +2,9 @@
 
 Private plumbing shared by masking (:mod:`~icp_lightning.core.masks`) and slimming
 (:mod:`~icp_lightning.core.slim`); read the design in :mod:`icp_lightning.core.masks`. A guard is a
-non-persistent ``icp_mask`` buffer (the cumulative per-feature mask), its 0/1 ``icp_guard`` buffer and a forward
-pre-hook that multiplies the module's input by the guard. The column helpers scale the input columns of a
-module's weight and of its PEFT LoRA ``lora_A`` weights (``W[:, j] *= c[j]``), shard by shard for DTensor
+non-persistent ``icp_mask`` buffer (the cumulative per-feature mask), its 0/1 ``icp_guard`` buffer and a
+forward pre-hook that multiplies the module's input by the guard. The column helpers scale the input columns
+of a module's weight and of its PEFT LoRA ``lora_A`` weights (``W[:, j] *= c[j]``), shard by shard for DTensor
 weights, and of the optimizer state that follows them.
 """
 

@@ -3,8 +3,8 @@
 Everything icp_lightning knows about a Hugging Face architecture is an :class:`Architecture` in
 :data:`ARCHITECTURES`, keyed by ``config.model_type``:
 
-* **default sites** (:func:`~icp_lightning.core.sites.find_sites` without ``target_modules``): the regexes of the
-  FFN down-projections (``ffn``) and of the attention output projections (``attn``), matched with
+* **default sites** (:func:`~icp_lightning.core.sites.find_sites` without ``target_modules``): the regexes of
+  the FFN down-projections (``ffn``) and of the attention output projections (``attn``), matched with
   ``re.fullmatch`` on the module's full name. They also give each site its kind (:func:`site_kind`).
 * **head layout**: a head site splits its ``attn`` projection's input columns into ``config`` heads (the head
   count is the first positive one of :data:`HEAD_COUNT_ATTRS`); for slimming, the attention module that holds
@@ -19,8 +19,8 @@ Adding an architecture:
        and find, in one layer, the FFN down-projection (whose *input* is the FFN's hidden neurons) and the
        attention output projection (whose input is the concatenated heads).
     2. Add an entry to :data:`ARCHITECTURES` with those two regexes (copy the style of ``"llama"``: anchor on
-       the layer index, ``.*layers\\.\\d+\\.mlp\\.down_proj``). That is enough for ``find_sites``, attribution,
-       pruning and folding; ``find_sites(model)`` should now list two sites per layer.
+       the layer index, ``.*layers\\.\\d+\\.mlp\\.down_proj``). That is enough for ``find_sites``,
+       attribution, pruning and folding; ``find_sites(model)`` should now list two sites per layer.
     3. For ``slim``: set ``ffn_down`` / ``ffn_up`` (the producers' outputs are the down-projection's inputs)
        and ``attention`` to a family of :data:`ATTENTION_LAYOUTS` whose q/k/v layout it shares (BERT-style
        separate ``query``/``key``/``value``, DistilBERT ``q_lin``..., GPT-2 fused ``c_attn``, LLaMA-style
