@@ -77,7 +77,7 @@ FEMALE = ["mary", "patricia", "jennifer", "linda", "elizabeth", "susan", "jessic
 #: (issue 12); parts without it (protocol 1: ICP's attribution read ``id`` test sentences) are not combined.
 PROTOCOL = 2
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-HELDOUT = 256
+HELDOUT = 128
 
 
 def inputs_of(batch: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -1017,16 +1017,20 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[d
             if setting == "A"
             else (("balanced/acc", "balanced"),)
         )
+        one_class = [m for m in (icp, oracle) if _one_class(per_seed, m, setting)]
+        vacuous = f" ({' and '.join(one_class)}: one class on every seed)" if one_class else ""
         for key, label in keys:
-            out.append(line(get(icp, key) >= get(oracle, key) - 0.03,
-                            f"{label} {100 * get(icp, key):.1f} within 3 points of the oracle's "
-                            f"{100 * get(oracle, key):.1f}"))  # fmt: skip
+            text = (f"{label} {100 * get(icp, key):.1f} within 3 points of the oracle's "
+                    f"{100 * get(oracle, key):.1f}{vacuous}")  # fmt: skip
+            ok = get(icp, key) >= get(oracle, key) - 0.03
+            out.append(f"- not assessable: {text}" if one_class else line(ok, text))
         key = PAIRED[setting]
         for b in bases:
             d = _diffs(per_seed, icp, b, key)
             wins = sum(x > 0 for x in d)
-            out.append(line(wins >= min(4, n) and len(d) == n,
-                            f"beats {b} on {key} on {wins} of {len(d)} seeds (needs >= 4 of 5)"))  # fmt: skip
+            short = "" if n >= 5 else f"; only {n} seed(s) ran, so it cannot be met"
+            out.append(line(n >= 5 and wins >= 4 and len(d) == n,
+                            f"beats {b} on {key} on {wins} of {len(d)} seeds (needs >= 4 of 5{short})"))  # fmt: skip
     else:
         for b in (names["control"], names["dfr"]):
             d = _diffs(per_seed, icp, b, "mean_shift_acc")
@@ -1039,6 +1043,19 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[d
                             f"{label} {100 * get(icp, key):.1f} no more than 1 point below ERM's "
                             f"{100 * get('ERM', key):.1f}"))  # fmt: skip
     return out
+
+
+def _one_class(per_seed: list[dict[str, Any]], method: str, setting: str) -> bool:
+    """Whether ``method`` predicts a single class on every seed: its accuracy on each evaluation set equals that
+    set's share of one label, seen as equal accuracies on sets that share their sentences (A: ID = OOD = clean)
+    or a worst-group accuracy of 0 with accuracy at the label share (C, B)."""
+    runs = [r["results"][method] for r in per_seed if method in r["results"]]
+    if not runs:
+        return False
+    if setting == "A":
+        return all(len({round(r[k], 6) for k in ("id/acc", "ood/acc", "clean/acc")}) == 1 for r in runs)
+    key = "balanced" if setting == "C" else "ood"
+    return all(r[f"{key}/worst_group_acc"] == 0.0 and abs(r[f"{key}/acc"] - 0.5) < 0.15 for r in runs)
 
 
 def _table(setting: str, summary: dict[str, dict[str, list[float]]], costs: dict[str, list[float]],
@@ -1176,8 +1193,9 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
              "kept, marked leaky, in `benchmarks/results/leaky_protocol1/`). Each method trains from its own seeds. "
              "Every method may add the same number of epochs to ERM; the table lists what each used and its total "
              "training seconds (ERM's included where it starts from ERM; attribution and discovery included for ICP "
-             "rows). The experiment is smaller than protocol 1's (see the sizes per setting) so that 5 seeds of A, B "
-             "and C fit the compute available (2 shared CPU cores).", "",
+             "rows). The experiment is smaller than protocol 1's (see the sizes per setting), sized for 5 seeds of A, B "
+             "and C in about 50 single-core minutes; on the shared machine (2 cores, load average 10-12 from other "
+             "jobs) only the seeds listed per setting finished before the deadline.", "",
              f"The targets are checked for `{METHODS[ICP_BEST]}` (fixed before the rerun: ICP told nothing; the "
              "repair mode, continue or restart, is chosen by held-out accuracy only).", ""]  # fmt: skip
     for setting in "ABC":
@@ -1205,6 +1223,10 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             pairs = paired(setting, rep["per_seed"], names[ICP_BEST], bases, key="balanced/dp_diff")
             lines += [f"Paired per-seed differences of `{names[ICP_BEST]}` on `balanced/dp_diff` (lower is "
                       "better):", *pairs, ""]  # fmt: skip
+        single = [m for m in rep["summary"] if _one_class(rep["per_seed"], m, setting)]
+        if single:
+            lines += ["Rows that predict one class on every seed (at this size, one epoch of 16-sentence batches from "
+                      "the pretrained weights does not learn the task): " + "; ".join(f"`{m}`" for m in single), ""]  # fmt: skip
         modes = [(r["seed"], r.get("removed", {}).get(names[ICP_BEST], {})) for r in rep["per_seed"]]
         if any(m for _, m in modes):
             lines += ["Repair mode chosen on the held-out split, per seed (held-out accuracy continue / restart): "
@@ -1239,8 +1261,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--ablations", choices=["yes", "no", "only"], default="no",
                         help="A's seed-0 ablations (scores, k sweep, sites): yes / only")  # fmt: skip
-    parser.add_argument("--train", type=int, default=320)
-    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--eval", type=int, default=160)
     parser.add_argument("--heldout", type=int, default=HELDOUT)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
