@@ -229,3 +229,26 @@ def test_resuming_a_checkpoint_of_an_earlier_version_folds_its_masks(tmp_path, b
     assert {n: m.tolist() for n, m in pruning_b.masks.items()} == {
         n: m.tolist() for n, m in pruning.masks.items()
     }
+
+
+def test_restore_masks_refuses_or_rezeroes_drifted_pruned_columns(batch):
+    """A checkpoint written before pruned columns were re-zeroed (mid-epoch under FSDP1): refuse by default,
+    re-zero with rezero=True (what the pruning callback does on resume)."""
+    model = tiny_bert()
+    sites = find_sites(model, granularity="head")
+    values = _values(sites, "hard")
+    apply_masks(model, sites, values)
+    pruned = _logits(model, batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = sites.names[0]
+    state[f"{name}.weight"][:, 8:16] = 0.5  # drift on head 1's columns
+    fresh = tiny_bert(seed=5)
+    fresh.load_state_dict(state)
+    fresh_sites = find_sites(fresh, granularity="head")
+    with pytest.raises(
+        ValueError, match=r"features \[1\] .* are pruned in the masks but their weights are not zero"
+    ):
+        M.restore_masks(fresh, fresh_sites, values)
+    M.restore_masks(fresh, fresh_sites, values, rezero=True)
+    torch.testing.assert_close(_logits(fresh, batch), pruned, atol=1e-6, rtol=0)
+    assert fresh_sites[name].module.weight[:, 8:16].abs().max() == 0

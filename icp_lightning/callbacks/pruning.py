@@ -28,8 +28,9 @@ before the first training step. Checkpoints of icp_lightning < 0.2 (``<site>.icp
 are converted as they load by a ``load_state_dict`` pre-hook.
 
 Sharded models: FSDP2 DTensor weights are folded shard by shard; under FSDP1 masks are folded inside
-``FullyShardedDataParallel.summon_full_params(..., writeback=True)`` and re-zeroed at each epoch end (not each
-batch: that would gather the parameters every step).
+``FullyShardedDataParallel.summon_full_params(..., writeback=True)`` and re-zeroed before each validation and at
+each epoch end (not each batch: that would gather the parameters every step), so epoch-end checkpoints hold
+zeros; a checkpoint taken mid-epoch under FSDP1 may hold optimizer drift on pruned columns.
 
 Example:
     >>> cb = CausalPruningCallback(amount=0.1, scope="per_site")
@@ -252,7 +253,7 @@ class CausalPruningCallback(Callback):
                     f"restored masks name sites {unknown} that the model does not have: {sites.names}"
                 )
             with torch.inference_mode(False), self._full_params(trainer, pl_module):
-                restore_masks(self.attribution.model_of(pl_module), sites, self.masks)
+                restore_masks(self.attribution.model_of(pl_module), sites, self.masks, rezero=True)
 
     def _full_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """FSDP1: the full parameters, written back to every rank's shard; otherwise nothing."""
@@ -275,6 +276,13 @@ class CausalPruningCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enforce(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelCheckpoint saves at the validation end by default, before the train epoch ends: under FSDP1
+        # (no per-batch re-zeroing) pruned columns must be zero by then.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._enforce(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

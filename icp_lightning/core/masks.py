@@ -261,14 +261,19 @@ def enforce_masks(model: nn.Module) -> None:
 
 
 def restore_masks(
-    model: nn.Module, sites: Sites, values: Mapping[str, torch.Tensor | Sequence[float]] | None = None
+    model: nn.Module,
+    sites: Sites,
+    values: Mapping[str, torch.Tensor | Sequence[float]] | None = None,
+    rezero: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Install the guards of masks whose values the weights already carry (a reloaded pruned model).
 
     The one call to make after ``fresh.load_state_dict(pruned.state_dict())`` (or ``from_pretrained`` of a
     pruned model) to keep training it without reviving pruned features. ``values=None``: a feature is pruned
     when all its input columns are exactly zero (soft factors cannot be read back from the weights: they are
-    already folded in and need no guard). With ``values``: installed as they are, without touching the weights.
+    already folded in and need no guard). With ``values``: installed as they are, without touching the weights,
+    unless ``rezero`` (a checkpoint whose pruned columns an optimizer moved before it was written, e.g. mid-epoch
+    under FSDP1: they are set back to zero instead of raising).
 
     Returns:
         site name -> the installed ``[n_features]`` mask, for the sites with at least one pruned feature
@@ -276,7 +281,7 @@ def restore_masks(
 
     Raises:
         ValueError: ``values`` names a feature as pruned whose weights are not zero (they belong to another
-            model, or the weights were not saved after pruning).
+            model, or the weights were not saved after pruning), unless ``rezero``.
 
     Example:
         >>> import torch
@@ -300,7 +305,7 @@ def restore_masks(
                 installed[name] = alive.float()
     else:
         for name, module, value in _check_values(model, sites, values):
-            if module._buffers.get(MASK_BUFFER) is None and _weight_of(module).ndim == 2:
+            if module._buffers.get(MASK_BUFFER) is None and _weight_of(module).ndim == 2 and not rezero:
                 for weight, dim in _column_tensors(module, base=True)[:1]:
                     cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu().view(value.numel(), -1)
                     live = ((value == 0) & (cols.sum(dim=1) != 0)).nonzero().flatten().tolist()
@@ -313,6 +318,8 @@ def restore_masks(
             installed[name] = value
     for name, value in installed.items():
         _install(sites[name].module, value)
+    if rezero:
+        enforce_masks(model)
     return installed
 
 
