@@ -1047,16 +1047,20 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[d
 
 
 def _one_class(per_seed: list[dict[str, Any]], method: str, setting: str) -> bool:
-    """Whether ``method`` predicts a single class on every seed: its accuracy on each evaluation set equals that
-    set's share of one label, seen as equal accuracies on sets that share their sentences (A: ID = OOD = clean)
-    or a worst-group accuracy of 0 with accuracy at the label share (C, B)."""
+    """Whether ``method`` predicts a single class on every seed: A: equal accuracies on the three sets that share
+    their sentences (ID = OOD = clean); C: balanced accuracy exactly 50 with no DP gap and no flips; B: a
+    worst-group accuracy of 0 on every domain."""
     runs = [r["results"][method] for r in per_seed if method in r["results"]]
     if not runs:
         return False
     if setting == "A":
         return all(len({round(r[k], 6) for k in ("id/acc", "ood/acc", "clean/acc")}) == 1 for r in runs)
-    key = "balanced" if setting == "C" else "ood"
-    return all(r[f"{key}/worst_group_acc"] == 0.0 and abs(r[f"{key}/acc"] - 0.5) < 0.15 for r in runs)
+    if setting == "C":  # one class on the balanced set: accuracy exactly 50, no gap, no flips
+        return all(abs(r["balanced/acc"] - 0.5) < 1e-6 and r["balanced/dp_diff"] == 0.0 and r["balanced/flip_rate"] == 0.0
+                   for r in runs)  # fmt: skip
+    return all(
+        all(r[f"{n}/worst_group_acc"] == 0.0 for n in ("id", "ood", "imdb") if f"{n}/acc" in r) for r in runs
+    )
 
 
 def _table(setting: str, summary: dict[str, dict[str, list[float]]], costs: dict[str, list[float]],
