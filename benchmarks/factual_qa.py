@@ -955,7 +955,13 @@ def paired(
 ) -> dict[str, Any]:  # fmt: skip
     """Per-seed differences ``method - baseline`` over the seeds both have: mean, std, seeds won, and the
     relative change of the means."""
-    seeds = sorted(set(rows.get(method, {})) & set(rows.get(baseline, {})))
+    common = sorted(set(rows.get(method, {})) & set(rows.get(baseline, {})))
+    seeds = [  # seeds where both numbers exist (a hallucination rate is undefined without confident answers)
+        s
+        for s in common
+        if not math.isnan(_value(rows[method][s], where, key))
+        and not math.isnan(_value(rows[baseline][s], where, key))
+    ]
     diffs = [_value(rows[method][s], where, key) - _value(rows[baseline][s], where, key) for s in seeds]
     base = [_value(rows[baseline][s], where, key) for s in seeds]
     won = sum(1 for d in diffs if (d < 0 if lower_is_better else d > 0))
@@ -973,8 +979,7 @@ def targets(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], method: str = "
     acc = paired(rows, method, "LoRA", "id", "accuracy", False)
     ood = paired(rows, method, "LoRA", "ood", "accuracy", False)
     ece_ts = paired(rows, method, "LoRA + TS", "id", "ece", True)
-    n = len(hal["seeds"])
-    need = min(TARGET_SEEDS, n)
+    need = TARGET_SEEDS  # of 5: fewer seeds (or seeds without a defined value) never meet a target
 
     def drop_ok(p: dict[str, Any]) -> bool:
         return bool(p["relative"] <= -TARGET_DROP and p["won"] >= need)
