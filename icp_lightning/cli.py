@@ -65,7 +65,26 @@ def _cli_class() -> Any:
             parser.add_lightning_class_args(ReliabilityReport, "report", required=False)
             parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
 
+        def before_instantiate_classes(self) -> None:
+            # A callback group the config leaves at its defaults was not asked for: do not add it (a config
+            # without `pruning:` must not build a CausalPruningCallback with neither threshold nor amount).
+            parser = self._parser(self.subcommand)
+            config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            defaults = parser.get_defaults()
+            for key in parser.callback_keys:
+                group = (parser.groups or {}).get(key)
+                if group is not None and config.get(key) == defaults.get(key):
+                    group.instantiate_class = _skip_group  # type: ignore[attr-defined]
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+            return super()._instantiate_trainer(config, [cb for cb in callbacks if cb is not None])
+
     return ICPLightningCLI
+
+
+def _skip_group(group: Any, cfg: Any) -> None:
+    """jsonargparse group instantiator for a callback group the config did not ask for: no callback."""
+    cfg[group.dest] = None
 
 
 def __getattr__(name: str) -> Any:

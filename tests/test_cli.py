@@ -187,3 +187,12 @@ def test_attribute_an_offline_alias_with_alpha_partner_and_two_metrics(tmp_path,
     assert scores.granularity == "head" and scores.model_type == "bert"
     effects = torch.load(out / "effects_id_scale_label_logprob.pt", weights_only=True)
     assert effects["meta"]["alpha"] == 0.25
+
+
+def test_a_config_without_a_pruning_group_adds_no_pruning_callback(tmp_path):
+    """configs/repair.yaml has no `pruning:` (or `attribution:`) key: those callbacks are not built (a
+    CausalPruningCallback with neither threshold nor amount used to fail the whole fit)."""
+    root = str(tmp_path)
+    main(["fit", "--config", "configs/repair.yaml", "--trainer.fast_dev_run", "1",
+          "--data.max_train_examples", "64", "--data.max_eval_examples", "32",
+          "--trainer.default_root_dir", root, "--trainer.logger", "false"])  # fmt: skip
