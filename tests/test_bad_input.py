@@ -169,6 +169,19 @@ def test_training_with_labels_outside_num_labels_names_num_labels():
 def test_a_non_differentiable_metric_under_gradient_names_the_fix():
     model = tiny_bert().eval()
     with pytest.raises(ValueError, match="'accuracy' is not differentiable .* method='exact'"):
-        causal_effects(model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="gradient")
-    exact = causal_effects(model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="exact")
+        causal_effects(
+            model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="gradient"
+        )
+    exact = causal_effects(
+        model, [tiny_batch("bert", n=4)], find_sites(model), metric="accuracy", method="exact"
+    )
     assert all(torch.isfinite(exact[n]).all() for n in exact)
+
+
+def test_exact_effects_of_a_feature_subset_leave_other_sites_uncomputed_not_an_error():
+    model = tiny_bert().eval()
+    sites = find_sites(model)
+    name = sites.names[0]
+    effects = causal_effects(model, [tiny_batch("bert", n=3)], sites, features={name: [0, 2]}, progress=False)
+    assert torch.isfinite(effects[name][[0, 2]]).all()
+    assert torch.isnan(effects[sites.names[1]]).all()  # not asked for: NaN, and no error

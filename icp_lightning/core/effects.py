@@ -221,8 +221,11 @@ def causal_effects(
 
 
 def _check_finite(effects: Effects, features: Mapping[str, torch.Tensor] | None) -> None:
-    """Raise a ValueError naming the site and metric when a computed effect is NaN or inf."""
+    """Raise a ValueError naming the site and metric when a computed effect is NaN or inf (features that were
+    not asked for, ``features`` given without their site, stay NaN: not computed)."""
     for name, values in effects.items():
+        if features is not None and name not in features:
+            continue
         idx = features.get(name) if features is not None else None
         chosen = values if idx is None else values[idx]
         bad = (~torch.isfinite(chosen)).nonzero().flatten()
