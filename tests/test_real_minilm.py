@@ -64,5 +64,7 @@ def test_minilm_module_with_both_callbacks(tmp_path, lora):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     restore_masks(fresh.hf_model, find_sites(fresh.hf_model, granularity="head"))
     assert {k: v.tolist() for k, v in get_masks(fresh.hf_model).items()} == {
-        k: v.tolist() for k, v in masks.items() if (v == 0).any()  # sites with a pruned head
+        k: v.tolist()
+        for k, v in masks.items()
+        if (v == 0).any()  # sites with a pruned head
     }

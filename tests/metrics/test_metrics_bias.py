@@ -16,7 +16,9 @@ from icp_lightning.metrics.bias import (
 )
 
 
-def _data(seed: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _data(
+    seed: int, n: int = 300
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     target = (torch.rand(n, generator=g) < 0.5).long()
     identity = (torch.rand(n, generator=g) < 0.4).long()
@@ -64,12 +66,18 @@ def test_probability_change_and_bias_amplification_match_naive_loops() -> None:
 
 def test_classes_accumulate_batches_to_the_functional_value() -> None:
     preds, target, identity, probs, cf_probs = _data(4)
-    gap, change, amp = FalsePositiveRateGap(), CounterfactualProbabilityChange(), BiasAmplification(reference=0.6)
+    gap, change, amp = (
+        FalsePositiveRateGap(),
+        CounterfactualProbabilityChange(),
+        BiasAmplification(reference=0.6),
+    )
     for chunk in torch.arange(len(preds)).split(37):
         gap.update(preds[chunk], target[chunk], identity[chunk])
         change.update(probs[chunk], cf_probs[chunk])
         amp.update(preds[chunk], identity[chunk])
-    assert float(gap.compute()) == pytest.approx(float(false_positive_rate_gap(preds, target, identity)), abs=1e-6)
+    assert float(gap.compute()) == pytest.approx(
+        float(false_positive_rate_gap(preds, target, identity)), abs=1e-6
+    )
     assert float(change.compute()) == pytest.approx(float(counterfactual_probability_change(probs, cf_probs)))
     assert float(amp.compute()) == pytest.approx(float(bias_amplification(preds, identity, 0.6)), abs=1e-6)
 
@@ -88,7 +96,9 @@ def test_accuracy_and_balanced_accuracy_from_torchmetrics_match_sklearn() -> Non
 
 
 def test_empty_groups_give_nan_and_bad_inputs_raise() -> None:
-    assert torch.isnan(false_positive_rate_gap(torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([1, 1])))
+    assert torch.isnan(
+        false_positive_rate_gap(torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([1, 1]))
+    )
     assert torch.isnan(counterfactual_probability_change(torch.zeros(0), torch.zeros(0)))
     assert torch.isnan(bias_amplification(torch.tensor([1]), torch.tensor([0]), 0.5))
     with pytest.raises(ValueError, match="binary"):
