@@ -150,6 +150,10 @@ class ICPContrastiveModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self._validate(task, num_labels, kl_weight, kl_schedule, kl_warmup_steps, kl_direction, temperature)
+        if task != "sequence_classification":
+            # No classification head: num_labels means nothing, and in the saved hparams a default 2 would clash
+            # with a causal-LM data module's None (Lightning refuses to merge differing hparams).
+            num_labels = None  # type: ignore[assignment]
         self._validate_more(tau_c, top_k_c, lr_scheduler_interval, eval_sets, num_groups)
         peft_cfg = peft_config(peft, task)
         local = {

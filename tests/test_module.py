@@ -535,3 +535,22 @@ def test_seq2seq_loss_and_kl_over_decoder_labels() -> None:
     torch.testing.assert_close(out["task_loss"], ce)
     torch.testing.assert_close(out["kl"], kl_by_hand(logits[keep], cf[keep], "forward"))
     assert float(out["kl"].detach()) > 1e-3
+
+
+def test_causal_lm_module_with_a_logger_and_a_causal_lm_datamodule(tmp_path: Path) -> None:
+    """A causal-LM data module has num_labels=None; the module's num_labels means nothing for a causal LM. With a
+    logger, Lightning refused the fit ('num_labels ... has different values') before the module said so."""
+
+    class LMData(pl.LightningDataModule):
+        def __init__(self, num_labels: int | None = None) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+        def train_dataloader(self) -> DataLoader:
+            return loader([lm_batch(91 + i) for i in range(2)])
+
+    module = ICPContrastiveModule(tiny_llama(), task="causal_lm", kl_weight=0.0)
+    t = pl.Trainer(max_steps=1, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    t.fit(module, datamodule=LMData())
+    assert t.global_step == 1
