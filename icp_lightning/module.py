@@ -168,6 +168,12 @@ class ICPContrastiveModule(pl.LightningModule):
         # Kept JSON-safe, so a checkpoint loads under torch.load(weights_only=True) and rebuilds the adapters.
         self.hparams["peft"] = _peft_dict(peft_cfg) if peft_cfg is not None else None
         self.hparams["eval_sets"] = list(eval_sets)
+        if task != "sequence_classification":
+            # LightningCLI records the config's init args as hparams (num_labels=2 by default): blank it there too
+            # (_hparams_initial is what Lightning compares with the data module's hparams).
+            for saved in (self.hparams, getattr(self, "_hparams_initial", None)):
+                if saved is not None and "num_labels" in saved:
+                    saved["num_labels"] = None
 
         self.task: Task = task
         base = load_hf_model(model, task, num_labels, model_kwargs)
