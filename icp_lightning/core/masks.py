@@ -172,6 +172,22 @@ def _check_values(
     return prepared
 
 
+def _current_mask(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The module's cumulative mask (CPU float), or ones like ``like`` when it has none."""
+    old = module._buffers.get(MASK_BUFFER)
+    return torch.ones_like(like) if old is None else old.detach().float().cpu()
+
+
+def _nonzero_features(module: nn.Module, n_features: int, lora: bool = True) -> torch.Tensor:
+    """Per feature, whether any of its input columns is non-zero in the weight (and LoRA ``lora_A``)."""
+    alive = torch.zeros(n_features, dtype=torch.bool)
+    tensors = _column_tensors(module)
+    for weight, dim in tensors if lora else tensors[:1]:
+        cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu()
+        alive |= cols.view(n_features, -1).sum(dim=1) != 0
+    return alive
+
+
 def apply_masks(
     model: nn.Module,
     sites: Sites,
@@ -214,8 +230,7 @@ def apply_masks(
     for name, module, value in prepared:
         _check_foldable(name, module)
         _check_unflattened(name, module)
-        old = module._buffers.get(MASK_BUFFER)
-        old = torch.ones_like(value) if old is None else old.detach().float().cpu()
+        old = _current_mask(module, value)
         revived = ((old == 0) & (value > 0)).nonzero().flatten().tolist()
         if revived:
             raise ValueError(
@@ -224,8 +239,7 @@ def apply_masks(
                 "(or use temporary_masks to try masks and restore the weights)"
             )
     for _, module, value in prepared:
-        old = module._buffers.get(MASK_BUFFER)
-        old = torch.ones_like(value) if old is None else old.detach().float().cpu()
+        old = _current_mask(module, value)
         factor = torch.where(old > 0, value / old.clamp_min(1e-30), torch.zeros_like(value))
         _scale_columns(module, _column_values(module, factor))
         _zero_optimizer_state(module, _column_values(module, _guard(value)), optimizers)
@@ -297,24 +311,19 @@ def restore_masks(
     if values is None:
         for name, site in sites.items():
             _check_unflattened(name, site.module)
-            alive = torch.zeros(site.n_features, dtype=torch.bool)
-            for weight, dim in _column_tensors(site.module):
-                cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu()
-                alive |= cols.view(site.n_features, -1).sum(dim=1) != 0
+            alive = _nonzero_features(site.module, site.n_features)
             if not bool(alive.all()):
                 installed[name] = alive.float()
     else:
         for name, module, value in _check_values(model, sites, values):
             if module._buffers.get(MASK_BUFFER) is None and _weight_of(module).ndim == 2 and not rezero:
-                for weight, dim in _column_tensors(module, base=True)[:1]:
-                    cols = _full(weight).detach().abs().sum(dim=1 - dim).cpu().view(value.numel(), -1)
-                    live = ((value == 0) & (cols.sum(dim=1) != 0)).nonzero().flatten().tolist()
-                    if live:
-                        raise ValueError(
-                            f"features {live} of {name!r} are pruned in the masks but their weights are not zero: "
-                            "these masks belong to other weights (restore them into the model they were saved "
-                            "with, or call apply_masks to prune these weights)"
-                        )
+                live = ((value == 0) & _nonzero_features(module, value.numel(), lora=False)).nonzero()
+                if live.numel():
+                    raise ValueError(
+                        f"features {live.flatten().tolist()} of {name!r} are pruned in the masks but their weights "
+                        "are not zero: these masks belong to other weights (restore them into the model they were "
+                        "saved with, or call apply_masks to prune these weights)"
+                    )
             installed[name] = value
     for name, value in installed.items():
         _install(sites[name].module, value)
