@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from icp_lightning.core.effects import Effects
-from icp_lightning.core.interventions import capture_site_inputs, model_inputs
+from icp_lightning.core.interventions import site_input_sums
 from icp_lightning.core.masks import masks_folded
 from icp_lightning.core.sites import Sites
 
@@ -204,27 +204,9 @@ def _global_site_means(
 ) -> dict[str, torch.Tensor]:
     """Per-site mean input over the non-padding tokens of *all* ranks' batches (the ``mean`` intervention's
     value; the engine alone would average over this rank's shard only). Same rule as
-    :func:`~icp_lightning.core.interventions.mean_site_inputs`, as float64 sums and counts, all-reduced."""
+    :func:`~icp_lightning.core.interventions.mean_site_inputs`: its sums and counts, all-reduced."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sums = {n: torch.zeros(s.in_features, dtype=torch.float64) for n, s in sites.items()}
-    counts = {n: torch.zeros(1, dtype=torch.float64) for n in sites}
-    was_training = model.training
-    model.eval()
-    try:
-        for _, batch in batches:
-            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            store: dict[str, torch.Tensor] = {}
-            with capture_site_inputs(sites, store):
-                model(**model_inputs(model, on_device))
-            mask = on_device.get("attention_mask")
-            for name, h in store.items():
-                flat = h.reshape(-1, h.shape[-1]).double()
-                if isinstance(mask, torch.Tensor) and mask.shape == h.shape[:-1]:
-                    flat = flat[mask.reshape(-1).bool()]
-                sums[name] += flat.sum(0).cpu()
-                counts[name] += flat.shape[0]
-    finally:
-        model.train(was_training)
+    sums, counts = site_input_sums(model, sites, (batch for _, batch in batches), device=device)
     names = list(sites)
     if trainer.world_size > 1:
         flat = torch.cat([sums[n] for n in names] + [counts[n] for n in names]).to(

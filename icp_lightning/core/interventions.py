@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -261,16 +261,23 @@ def partner_permutation(n: int, seed: int = 0, device: torch.device | None = Non
 
 
 @torch.no_grad()
-def mean_site_inputs(
-    model: nn.Module, sites: Sites, batches: Iterator[Mapping[str, Any]] | Sequence[Mapping[str, Any]]
-) -> dict[str, torch.Tensor]:
-    """Per-site mean input activation over every non-padding token of ``batches`` (for ``mean`` ablation)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = {}
+def site_input_sums(
+    model: nn.Module,
+    sites: Sites,
+    batches: Iterable[Mapping[str, Any]],
+    device: torch.device | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-site float64 sum of the input activations over every non-padding token of ``batches``, and the
+    token count (a ``[1]`` tensor), on the CPU: the parts of :func:`mean_site_inputs`, kept apart so that
+    distributed callers can all-reduce them before dividing. Batches are moved to ``device`` if given."""
+    sums = {n: torch.zeros(s.in_features, dtype=torch.float64) for n, s in sites.items()}
+    counts = {n: torch.zeros(1, dtype=torch.float64) for n in sites}
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
+            if device is not None:
+                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             store: dict[str, torch.Tensor] = {}
             with capture_site_inputs(sites, store):
                 model(**model_inputs(model, batch))
@@ -278,10 +285,17 @@ def mean_site_inputs(
             for name, h in store.items():
                 flat = h.reshape(-1, h.shape[-1]).double()
                 if isinstance(mask, torch.Tensor) and mask.shape == h.shape[:-1]:
-                    keep = mask.reshape(-1).bool()
-                    flat = flat[keep]
-                sums[name] = sums.get(name, 0) + flat.sum(0)
-                counts[name] = counts.get(name, 0.0) + flat.shape[0]
+                    flat = flat[mask.reshape(-1).bool()]
+                sums[name] += flat.sum(0).cpu()
+                counts[name] += flat.shape[0]
     finally:
         model.train(was_training)
-    return {name: (sums[name] / max(counts[name], 1.0)).float() for name in sums}
+    return sums, counts
+
+
+def mean_site_inputs(
+    model: nn.Module, sites: Sites, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, torch.Tensor]:
+    """Per-site mean input activation over every non-padding token of ``batches`` (for ``mean`` ablation)."""
+    sums, counts = site_input_sums(model, sites, batches)
+    return {name: (sums[name] / counts[name].clamp_min(1.0)).float() for name in sums}
