@@ -44,9 +44,8 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -65,9 +64,10 @@ from icp_lightning.core.masks import (
     restore_masks,
 )
 from icp_lightning.core.selection import (
-    MODES,
-    SCOPES,
+    Mode,
+    Scope,
     check_amount,
+    check_selection_args,
     default_factor,
     select_masks,
 )
@@ -76,8 +76,6 @@ from icp_lightning.core.sites import check_scores_fit, named_modules
 __all__ = ["CausalPruningCallback", "default_factor", "select_masks"]
 
 Amount = int | float | Callable[[int], int | float]
-_SCOPES = SCOPES
-_MODES = MODES
 
 
 class CausalPruningCallback(Callback):
@@ -125,9 +123,9 @@ class CausalPruningCallback(Callback):
         self,
         threshold: float | None = None,
         amount: Amount | None = None,
-        scope: Literal["global", "per_site"] = "global",
+        scope: Scope = "global",
         min_keep: int = 1,
-        mode: Literal["hard", "soft"] = "hard",
+        mode: Mode = "hard",
         factor_fn: Callable[[Tensor], Tensor] | None = None,
         select_fn: Callable[..., Mapping[str, Tensor]] | None = None,
         make_permanent: bool = False,
@@ -139,24 +137,9 @@ class CausalPruningCallback(Callback):
                 "give exactly one of threshold= (prune features scoring above tau) or amount= (a fraction, a "
                 f"count, or a callable of the round), not {'both' if threshold is not None else 'neither'}"
             )
-        if threshold is not None and (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-        ):
-            raise ValueError(f"threshold must be a finite number (tau), got {threshold!r}")
-        if amount is not None and not callable(amount):
-            amount = check_amount(amount)
-        if scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-            raise ValueError(f"min_keep must be an int >= 0 (features every site keeps), got {min_keep!r}")
-        if factor_fn is not None and not callable(factor_fn):
-            raise ValueError(f"factor_fn must be a callable z -> factors in [0, 1], got {factor_fn!r}")
-        if factor_fn is not None and mode != "soft":
-            raise ValueError("factor_fn only applies to mode='soft'; pass mode='soft' or drop factor_fn")
+        threshold, amount = check_selection_args(
+            threshold, amount, scope, min_keep, mode, factor_fn, finite_threshold=True, callable_amount=True
+        )
         if select_fn is not None and not callable(select_fn):
             raise ValueError(
                 "select_fn must be a callable (scores, masks, *, threshold, amount, scope, min_keep, mode, "
@@ -167,11 +150,11 @@ class CausalPruningCallback(Callback):
                 f"attribution must be a CausalAttributionCallback (or None to find it among the trainer's "
                 f"callbacks), got {type(attribution).__name__}"
             )
-        self.threshold = float(threshold) if threshold is not None else None
+        self.threshold = threshold
         self.amount = amount
-        self.scope: Literal["global", "per_site"] = scope
+        self.scope: Scope = scope
         self.min_keep = min_keep
-        self.mode: Literal["hard", "soft"] = mode
+        self.mode: Mode = mode
         self.factor_fn = factor_fn
         self.select_fn: Callable[..., Mapping[str, Tensor]] = (
             select_fn if select_fn is not None else select_masks

@@ -53,6 +53,7 @@ __all__ = [
     "Scope",
     "SelectFn",
     "check_amount",
+    "check_selection_args",
     "count_of",
     "default_factor",
     "select_masks",
@@ -235,6 +236,51 @@ def _soft(
     return new
 
 
+def check_selection_args(
+    threshold: Any,
+    amount: Any,
+    scope: Any,
+    min_keep: Any,
+    mode: Any,
+    factor_fn: Any = None,
+    *,
+    finite_threshold: bool = False,
+    callable_amount: bool = False,
+) -> tuple[float | None, Any]:
+    """The checks of every selection argument, shared by :func:`select_masks` and the pruning callback (which
+    runs them at construction, before any training). Returns ``(threshold, amount)`` normalized: the threshold
+    as a float, the amount through :func:`check_amount` (left as is when it is a callable and
+    ``callable_amount``). ``finite_threshold`` also refuses an infinite tau.
+
+    Example:
+        >>> check_selection_args(0.5, None, "global", 1, "hard")
+        (0.5, None)
+        >>> check_selection_args(None, 3, "per_site", 0, "sideways")
+        Traceback (most recent call last):
+        ...
+        ValueError: mode must be one of ('hard', 'soft'), got 'sideways'
+    """
+    if threshold is not None:
+        bad = isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
+        if bad or (finite_threshold and not math.isfinite(threshold)):
+            kind = "a finite number" if finite_threshold else "a number"
+            raise ValueError(f"threshold must be {kind} (tau), got {threshold!r}")
+        threshold = float(threshold)
+    if amount is not None and not (callable_amount and callable(amount)):
+        amount = check_amount(amount)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep must be an int >= 0 (features every site keeps), got {min_keep!r}")
+    if factor_fn is not None and not callable(factor_fn):
+        raise ValueError(f"factor_fn must be a callable z -> factors in [0, 1], got {factor_fn!r}")
+    if factor_fn is not None and mode != "soft":
+        raise ValueError("factor_fn only applies to mode='soft'; pass mode='soft' or drop factor_fn")
+    return threshold, amount
+
+
 def select_masks(
     scores: Mapping[str, Tensor],
     masks: Mapping[str, Tensor] | None = None,
@@ -296,18 +342,7 @@ def select_masks(
         raise ValueError(
             "select_masks needs threshold= (tau), amount= (a count or a fraction in (0, 1)), or both"
         )
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
-    ):
-        raise ValueError(f"threshold must be a number (tau), got {threshold!r}")
-    if amount is not None:
-        amount = check_amount(amount)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"min_keep must be an int >= 0 (features every site keeps), got {min_keep!r}")
+    threshold, amount = check_selection_args(threshold, amount, scope, min_keep, mode, factor_fn)
     if sites is not None:
         check_scores_fit(scores, sites)
     if masks is None:
