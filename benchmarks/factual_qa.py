@@ -92,6 +92,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from icp_lightning.core.effects import causal_effects  # noqa: E402
 from icp_lightning.core.masks import apply_masks, make_permanent, remove_masks  # noqa: E402
 from icp_lightning.core.scores import spuriousness  # noqa: E402
+from icp_lightning.core.selection import select_masks  # noqa: E402
 from icp_lightning.core.sites import Sites, find_sites  # noqa: E402
 from icp_lightning.metrics.qa import (  # noqa: E402
     contains_answer,
@@ -425,13 +426,10 @@ def icp_scores(
 
 
 def top_k_values(sites: Sites, scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Mask values: 0 on the ``k`` features with the highest score over all sites, 1 elsewhere."""
-    flat = [(float(v), name, i) for name in sites for i, v in enumerate(scores[name].tolist())]
-    flat.sort(key=lambda t: (-t[0], t[1], t[2]))
-    values = {name: torch.ones(sites[name].n_features) for name in sites}
-    for _, name, i in flat[:k]:
-        values[name][i] = 0.0
-    return values
+    """Mask values: 0 on the ``k`` features with the highest score over all sites, 1 elsewhere (the package's
+    selection, :func:`~icp_lightning.core.selection.select_masks`; ties go to the earlier site and feature)."""
+    ones = {name: torch.ones(sites[name].n_features) for name in sites}
+    return select_masks({name: scores[name] for name in sites}, ones, amount=int(k), min_keep=0)
 
 
 def random_values(sites: Sites, k: int, seed: int) -> dict[str, torch.Tensor]:

@@ -393,17 +393,14 @@ def icp_scores(model: torch.nn.Module, data: Data, args: argparse.Namespace, see
 
 
 def prune_heads(model: torch.nn.Module, sites: Any, scores: Any, k: int) -> list[tuple[str, int]]:
-    """Hard-prune the ``k`` top-scored heads of this copy; returns ``(site, head)`` of what was removed."""
+    """Hard-prune the ``k`` top-scored heads of this copy (the package's selection,
+    :func:`~icp_lightning.core.selection.select_masks`); returns ``(site, head)`` of what was removed."""
     from icp_lightning import apply_masks, find_sites
+    from icp_lightning.core.selection import select_masks
 
     mine = find_sites(model, granularity="head")
-    flat = sorted(
-        ((float(scores[n][i]), n, i) for n in mine for i in range(mine[n].n_features)), reverse=True
-    )
-    chosen = [(n, i) for _, n, i in flat[:k]]
-    masks = {n: torch.ones(mine[n].n_features) for n in mine}
-    for n, i in chosen:
-        masks[n][i] = 0.0
+    masks = select_masks({n: scores[n] for n in mine}, sites=mine, amount=int(k), min_keep=0)
+    chosen = [(n, i) for n in mine for i in (masks[n] == 0).nonzero().reshape(-1).tolist()]
     apply_masks(model, mine, masks)
     return chosen
 
