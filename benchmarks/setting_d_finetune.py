@@ -294,7 +294,8 @@ def greedy_continuations(
     pad_id: int,
     batch_size: int = 16,
 ) -> list[list[int]]:
-    """Greedy continuation (``new_tokens`` tokens) of each prompt, batched with left padding and a KV cache."""
+    """Greedy continuation of each prompt, exactly ``new_tokens`` tokens (end-of-sequence is never chosen),
+    batched with left padding and a KV cache."""
     model.eval()
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -430,7 +431,8 @@ def load_texts(args: argparse.Namespace) -> Texts:
 
     pairs = crows_pairs()["test"]
     pool: list[str] = []
-    for passage in boolq()["train"]["passage"]:
+    passages = boolq()["train"]["passage"]
+    for passage in passages[: getattr(args, "pool_passages", None) or len(passages)]:
         pool += sentences(str(passage))
     rng = np.random.default_rng(12345)  # as setting_d: one fixed sample for every seed
     reviews = rotten_tomatoes(seed=0)
@@ -439,8 +441,8 @@ def load_texts(args: argparse.Namespace) -> Texts:
     return Texts(
         more_text=list(pairs["sent_more"]), less_text=list(pairs["sent_less"]),
         train_pool=counterfactual_pairs(sorted(set(pool)), cda_map()),
-        dev_text=[reviews["train"][int(i)]["text"] for i in dev_rows],
-        ppl_text=[reviews["test"][int(i)]["text"] for i in ppl_rows],
+        dev_text=[reviews["train"]["text"][int(i)] for i in dev_rows],
+        ppl_text=[reviews["test"]["text"][int(i)] for i in ppl_rows],
         stereoset=stereoset_items(args.stereoset), bold=bold_prompts(args.bold_per_group),
     )  # fmt: skip
 
