@@ -257,3 +257,48 @@ def group_ids(
     names = sorted({str(v) for v in everything})
     index = {n: i for i, n in enumerate(names)}
     return {s: [index[str(v)] for v in values] for s, (values, _) in values_by_split.items()}, names
+
+
+def check_data_args(args: Mapping[str, Any]) -> list[str] | dict[str, str]:
+    """Every argument check of :class:`~icp_lightning.data.ICPDataModule`, run in its ``__init__`` before
+    anything loads. ``args``: the module's constructor arguments by name. Returns the shortcut modes,
+    normalized (a list, or evaluation set -> mode)."""
+    from icp_lightning.data.planting import _check_shortcut_args  # planting imports this module
+
+    _check_task_args(
+        args["task"],
+        args["prompt_column"],
+        args["answer_column"],
+        args["pair_labels"],
+        text_pair_column=args["text_pair_column"],
+        label_map=args["label_map"],
+        num_labels=args["num_labels"],
+        shortcut_token=args["shortcut_token"],
+        heldout_size=args["heldout_size"],
+    )
+    _check_source_args(
+        *(args[k] for k in ("recipe", "train_files", "eval_files", "dataset", "train_split", "eval_splits")),
+        args["file_format"],
+    )
+    counts = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples")
+    _check_counts(
+        **{k: args[k] for k in counts + ("attribution_size", "num_labels", "num_workers", "heldout_size")}
+    )
+    modes = _check_shortcut_args(
+        *(
+            args[k]
+            for k in (
+                "shortcut_token",
+                "shortcut_rate",
+                "shortcut_position",
+                "shortcut_modes",
+                "group_column",
+                "cf_text_column",
+            )
+        )
+    )
+    _check_label_map(args["label_map"], args["num_labels"])
+    for what in ("eval_files", "eval_splits"):
+        if args[what] is not None:
+            _check_names(list(args[what]), what)
+    return modes

@@ -22,14 +22,10 @@ from icp_lightning.assets import resolve_pretrained
 from icp_lightning.data.checks import (
     DataTask,
     _check_columns,
-    _check_counts,
-    _check_label_map,
     _check_label_range,
-    _check_names,
-    _check_source_args,
-    _check_task_args,
     _normalize_labels,
     _texts_by_role,
+    check_data_args,
     group_ids,
 )
 from icp_lightning.data.collate import (
@@ -42,7 +38,6 @@ from icp_lightning.data.collate import (
 from icp_lightning.data.planting import (
     ShortcutMode,
     ShortcutPosition,
-    _check_shortcut_args,
     eval_plan,
     plant_shortcut,
 )
@@ -206,38 +201,9 @@ class ICPDataModule(pl.LightningDataModule):
         answer_column: str | None = None,
         pair_labels: PairLabels = "full",
     ) -> None:
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        _check_task_args(
-            task,
-            prompt_column,
-            answer_column,
-            pair_labels,
-            text_pair_column=text_pair_column,
-            label_map=label_map,
-            num_labels=num_labels,
-            shortcut_token=shortcut_token,
-            heldout_size=heldout_size,
-        )
-        _check_source_args(recipe, train_files, eval_files, dataset, train_split, eval_splits, file_format)
-        _check_counts(
-            max_length=max_length,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples,
-            attribution_size=attribution_size,
-            num_labels=num_labels,
-            num_workers=num_workers,
-            heldout_size=heldout_size,
-        )
-        modes = _check_shortcut_args(
-            shortcut_token, shortcut_rate, shortcut_position, shortcut_modes, group_column, cf_text_column
-        )
-        _check_label_map(label_map, num_labels)
-        if eval_files is not None:
-            _check_names(list(eval_files), "eval_files")
-        if eval_splits is not None:
-            _check_names(list(eval_splits), "eval_splits")
+        modes = check_data_args(arguments)
         self.save_hyperparameters()
 
         spec = RECIPES[recipe] if recipe is not None else None
