@@ -23,12 +23,10 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -43,7 +41,7 @@ from icp_lightning.core.counterfactuals import (
     build_counterfactual,
 )
 from icp_lightning.core.effect_metrics import check_class_labels
-from icp_lightning.core.interventions import CF_PREFIX, counterfactual_batch, model_inputs
+from icp_lightning.core.interventions import model_inputs
 from icp_lightning.core.losses import (
     IGNORE_INDEX,
     KLDirection,
@@ -54,7 +52,7 @@ from icp_lightning.core.losses import (
     total_loss,
 )
 from icp_lightning.core.sites import Granularity, Sites, check_scores_fit, find_sites
-from icp_lightning.metrics import CounterfactualFlipRate, ReliabilityMetrics
+from icp_lightning.eval_sets import EvalSetsModule, _batch_size
 from icp_lightning.models import (  # noqa: F401  (transformer_blocks, TASKS: importable from here)
     TASKS,
     Task,
@@ -65,11 +63,10 @@ from icp_lightning.models import (  # noqa: F401  (transformer_blocks, TASKS: im
     peft_config,
     transformer_blocks,
 )
+from icp_lightning.module_checks import check_module_args, check_more_module_args
 
-_GROUP_KEYS = ("group", "groups")
 
-
-class ICPContrastiveModule(pl.LightningModule):
+class ICPContrastiveModule(EvalSetsModule):
     """Fine-tuning with ``L = L_task(M(x), y) + lambda_t * D(M(x), M(x'))`` and per-set reliability metrics.
 
     Args:
@@ -149,12 +146,14 @@ class ICPContrastiveModule(pl.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._validate(task, num_labels, kl_weight, kl_schedule, kl_warmup_steps, kl_direction, temperature)
+        check_module_args(
+            task, num_labels, kl_weight, kl_schedule, kl_warmup_steps, kl_direction, temperature
+        )
         if task != "sequence_classification":
             # No classification head: num_labels means nothing, and in the saved hparams a default 2 would clash
             # with a causal-LM data module's None (Lightning refuses to merge differing hparams).
             num_labels = None  # type: ignore[assignment]
-        self._validate_more(tau_c, top_k_c, lr_scheduler_interval, eval_sets, num_groups)
+        check_more_module_args(tau_c, top_k_c, lr_scheduler_interval, eval_sets, num_groups)
         peft_cfg = peft_config(peft, task)
         local = {
             "model": model,
@@ -200,75 +199,10 @@ class ICPContrastiveModule(pl.LightningModule):
         self.icp_scores: Mapping[str, torch.Tensor] | None = None
         self.icp_sites: Sites | None = None
         self._told_skip = False
-        self._seen: dict[str, set[str]] = {"val": set(), "test": set()}
-
-        num_classes = self._num_classes(num_labels)
-        self.val_metrics = nn.ModuleDict(
-            {name: ReliabilityMetrics(num_classes, num_groups=num_groups) for name in self.eval_sets}
-        )
-        self.test_metrics = nn.ModuleDict(
-            {name: ReliabilityMetrics(num_classes, num_groups=num_groups) for name in self.eval_sets}
-        )
-        self.val_flip = nn.ModuleDict({name: CounterfactualFlipRate() for name in self.eval_sets})
-        self.test_flip = nn.ModuleDict({name: CounterfactualFlipRate() for name in self.eval_sets})
+        self._init_eval_metrics(self._num_classes(num_labels), num_groups)
 
     # ------------------------------------------------------------------------------------------------------
     # Arguments
-
-    @staticmethod
-    def _validate(
-        task: str,
-        num_labels: int,
-        kl_weight: float,
-        kl_schedule: Any,
-        kl_warmup_steps: int,
-        kl_direction: str,
-        temperature: float,
-    ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if task == "sequence_classification" and (not isinstance(num_labels, int) or num_labels < 2):
-            raise ValueError(
-                f"num_labels must be an int >= 2 for sequence_classification, got {num_labels!r}"
-            )
-        if not isinstance(kl_weight, (int, float)) or kl_weight < 0 or math.isnan(kl_weight):
-            raise ValueError(f"kl_weight must be a number >= 0, got {kl_weight!r}")
-        if not callable(kl_schedule) and kl_schedule not in ("constant", "linear_warmup"):
-            raise ValueError(
-                f"kl_schedule must be 'constant', 'linear_warmup' or a callable, got {kl_schedule!r}"
-            )
-        if kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
-        if kl_direction not in ("forward", "reverse", "symmetric"):
-            raise ValueError(
-                f"kl_direction must be 'forward', 'reverse' or 'symmetric', got {kl_direction!r}"
-            )
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-
-    @staticmethod
-    def _validate_more(
-        tau_c: float | None,
-        top_k_c: int | None,
-        lr_scheduler_interval: str,
-        eval_sets: Sequence[str],
-        num_groups: int | None,
-    ) -> None:
-        if top_k_c is not None and top_k_c < 0:
-            raise ValueError(f"top_k_c must be >= 0 or None, got {top_k_c}")
-        if lr_scheduler_interval not in ("step", "epoch"):
-            raise ValueError(
-                f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}"
-            )
-        if isinstance(eval_sets, str) or not eval_sets:
-            raise ValueError(
-                f"eval_sets must be a non-empty list of names (one per dataloader), got {eval_sets!r}"
-            )
-        bad = [n for n in eval_sets if not isinstance(n, str) or not n or "." in n]
-        if bad or len(set(eval_sets)) != len(eval_sets):
-            raise ValueError(f"eval_sets must be unique non-empty names without '.', got {list(eval_sets)}")
-        if num_groups is not None and num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1 or None, got {num_groups}")
 
     def _num_classes(self, num_labels: int) -> int:
         if self.task == "sequence_classification":
@@ -509,107 +443,9 @@ class ICPContrastiveModule(pl.LightningModule):
         return out["loss"]  # type: ignore[no-any-return]
 
     @override
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    @override
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class (or next-token) probabilities: ``softmax(logits)``."""
         return self.logits(batch).float().softmax(-1)
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def _set_name(self, dataloader_idx: int) -> str:
-        if not 0 <= dataloader_idx < len(self.eval_sets):
-            raise ValueError(
-                f"got dataloader_idx {dataloader_idx} but eval_sets names {len(self.eval_sets)} set(s) "
-                f"{self.eval_sets}: pass eval_sets=[...] with one name per evaluation dataloader"
-            )
-        return self.eval_sets[dataloader_idx]
-
-    def _metric_inputs(
-        self, logits: torch.Tensor, batch: Mapping[str, Any], cf_logits: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(logits [M, C], targets [M], groups [M] or None, cf logits [M, C] or None)``: one row per example,
-        or per answer token for language models."""
-        groups = next((batch[k] for k in _GROUP_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
-        labels = batch["labels"]
-        if self.task == "sequence_classification":
-            return logits, labels, groups, cf_logits
-        mask = self._answer_mask(batch)
-        assert mask is not None
-        target = labels[:, 1:] if self.task == "causal_lm" else labels
-        target_at = torch.zeros_like(labels)
-        target_at[:, : target.shape[1]] = target
-        rows = logits[mask]
-        row_groups = groups.reshape(-1, 1).expand(mask.shape)[mask] if groups is not None else None
-        cf_rows = None
-        if cf_logits is not None and cf_logits.shape == logits.shape:
-            cf_rows = cf_logits[mask]
-        return rows, target_at[mask], row_groups, cf_rows
-
-    def _eval_step(self, stage: Literal["val", "test"], batch: dict[str, Any], dataloader_idx: int) -> None:
-        name = self._set_name(dataloader_idx)
-        logits = self.logits(batch)
-        loss = self.task_loss(logits, batch)
-        self.log(
-            f"{stage}/{name}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            add_dataloader_idx=False,
-            sync_dist=True,
-            batch_size=_batch_size(batch),
-        )
-        cf_logits = None
-        if any(k.startswith(CF_PREFIX) for k in batch):
-            cf_logits = self.logits(counterfactual_batch(batch))
-        rows, target, groups, cf_rows = self._metric_inputs(logits, batch, cf_logits)
-        self._metrics(stage, name).update(rows, target, groups=groups)
-        if cf_rows is not None:
-            self._flip(stage, name).update(rows.argmax(-1), cf_rows.argmax(-1))
-            self._seen[stage].add(f"{name}/flip")
-        self._seen[stage].add(name)
-
-    def _metrics(self, stage: str, name: str) -> ReliabilityMetrics:
-        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[name]
-        assert isinstance(metrics, ReliabilityMetrics)
-        return metrics
-
-    def _flip(self, stage: str, name: str) -> CounterfactualFlipRate:
-        flip = (self.val_flip if stage == "val" else self.test_flip)[name]
-        assert isinstance(flip, CounterfactualFlipRate)
-        return flip
-
-    def _log_metrics(self, stage: Literal["val", "test"]) -> None:
-        for name in self.eval_sets:
-            metrics, flip = self._metrics(stage, name), self._flip(stage, name)
-            if name in self._seen[stage]:
-                values = dict(metrics.compute())
-                if f"{name}/flip" in self._seen[stage]:
-                    values["flip_rate"] = flip.compute()
-                if self.task != "sequence_classification" and "nll" in values:
-                    values["ppl"] = values["nll"].exp()
-                for key, value in values.items():
-                    self.log(
-                        f"{stage}/{name}/{key}",
-                        value.float(),
-                        add_dataloader_idx=False,
-                        sync_dist=True,
-                    )
-            metrics.reset()
-            flip.reset()
-        self._seen[stage].clear()
 
     @override
     def configure_optimizers(self) -> Any:
@@ -674,11 +510,3 @@ class ICPContrastiveModule(pl.LightningModule):
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         return out
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    for key in ("input_ids", "inputs_embeds", "labels"):
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor) and value.dim():
-            return int(value.shape[0])
-    return 1

@@ -276,27 +276,14 @@ def check_data_args(args: Mapping[str, Any]) -> list[str] | dict[str, str]:
         shortcut_token=args["shortcut_token"],
         heldout_size=args["heldout_size"],
     )
-    _check_source_args(
-        *(args[k] for k in ("recipe", "train_files", "eval_files", "dataset", "train_split", "eval_splits")),
-        args["file_format"],
-    )
+    sources = ("recipe", "train_files", "eval_files", "dataset", "train_split", "eval_splits", "file_format")
+    _check_source_args(**{k: args[k] for k in sources})
     counts = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples")
     _check_counts(
         **{k: args[k] for k in counts + ("attribution_size", "num_labels", "num_workers", "heldout_size")}
     )
-    modes = _check_shortcut_args(
-        *(
-            args[k]
-            for k in (
-                "shortcut_token",
-                "shortcut_rate",
-                "shortcut_position",
-                "shortcut_modes",
-                "group_column",
-                "cf_text_column",
-            )
-        )
-    )
+    shortcut = ("shortcut_token", "shortcut_rate", "shortcut_position", "shortcut_modes", "group_column")
+    modes = _check_shortcut_args(**{k: args[k] for k in shortcut + ("cf_text_column",)})
     _check_label_map(args["label_map"], args["num_labels"])
     for what in ("eval_files", "eval_splits"):
         if args[what] is not None:
