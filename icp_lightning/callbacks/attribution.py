@@ -52,8 +52,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +64,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from icp_lightning.callbacks._attribution_data import (
+    attribution_datasets,
+    checked_attribution_data,
+    naming_dataset,
+    shard,
+    validation_loaders,
+)
 from icp_lightning.callbacks._distributed import (
     _attribution_context,
     _empty_effects,
@@ -93,26 +99,6 @@ _ON = ("validation_epoch_end", "train_epoch_end")
 
 def _effect_key(intervention: str, metric: str, dataset: str) -> str:
     return f"{intervention}|{metric}|{dataset}"
-
-
-def _checked_attribution_data(attribution_data: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``attribution_data`` as a dict, or a ValueError saying what it must be."""
-    if attribution_data is None:
-        return None
-    if not isinstance(attribution_data, Mapping) or not attribution_data:
-        raise ValueError(
-            "attribution_data must be a non-empty mapping data set name -> DataLoader (or -> the name of "
-            f"a validation dataloader), or None for the validation dataloaders; got {attribution_data!r}"
-        )
-    for key, value in attribution_data.items():
-        if not isinstance(key, str):
-            raise ValueError(f"attribution_data keys must be data set names (str), got {key!r}")
-        if not isinstance(value, str) and not isinstance(value, Iterable):
-            raise ValueError(
-                f"attribution_data[{key!r}] must be a DataLoader (an iterable of dict batches) or the "
-                f"name of a validation dataloader, got {type(value).__name__}"
-            )
-    return dict(attribution_data)
 
 
 class CausalAttributionCallback(Callback):
@@ -229,7 +215,7 @@ class CausalAttributionCallback(Callback):
             raise ValueError(
                 f"model_attr must be a dotted attribute path such as 'model', got {model_attr!r}"
             )
-        self.attribution_data = _checked_attribution_data(attribution_data)
+        self.attribution_data = checked_attribution_data(attribution_data)
         if self.attribution_data is not None:
             self.config.check_datasets(list(self.attribution_data))
         self.every_n_epochs = every_n_epochs
@@ -436,79 +422,16 @@ class CausalAttributionCallback(Callback):
     # Data
 
     def _validation_loaders(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Iterable]:
-        datamodule: Any = getattr(trainer, "datamodule", None)
-        loaders: Any = None
-        if datamodule is not None and is_overridden("val_dataloader", datamodule):
-            loaders = datamodule.val_dataloader()
-        elif is_overridden("val_dataloader", pl_module):
-            loaders = pl_module.val_dataloader()
-        else:  # dataloaders passed to fit(val_dataloaders=...)
-            source = getattr(
-                getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None
-            )
-            instance = getattr(source, "instance", None)
-            if instance is not None and not isinstance(
-                instance, (pl.LightningModule, pl.LightningDataModule)
-            ):
-                loaders = instance
-        if loaders is None:
-            raise ValueError(
-                f"{type(self).__name__} found no validation dataloaders to attribute on: give "
-                "attribution_data={name: DataLoader}, or define val_dataloader() on the datamodule or module"
-            )
-        if isinstance(loaders, Mapping):
-            return {str(k): v for k, v in loaders.items()}
-        if isinstance(loaders, (list, tuple)):
-            names = _set_names(datamodule, len(loaders)) or _set_names(pl_module, len(loaders))
-            names = names or [f"val_{i}" for i in range(len(loaders))]
-            return dict(zip(names, loaders))
-        names = _set_names(datamodule, 1) or _set_names(pl_module, 1) or ["val"]
-        return {names[0]: loaders}
+        return validation_loaders(trainer, pl_module, type(self).__name__)
 
     def _datasets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Iterable]:
         """Data set name -> iterable of batches, in a fixed order."""
-        if self.attribution_data is None:
-            return self._validation_loaders(trainer, pl_module)
-        out: dict[str, Iterable] = {}
-        val: dict[str, Iterable] | None = None
-        for name, value in self.attribution_data.items():
-            if isinstance(value, str):
-                val = val if val is not None else self._validation_loaders(trainer, pl_module)
-                if value not in val:
-                    raise ValueError(
-                        f"attribution_data[{name!r}] names the validation dataloader {value!r}, but the "
-                        f"validation dataloaders are {list(val)}"
-                    )
-                out[name] = val[value]
-            else:
-                out[name] = value
-        return out
+        return attribution_datasets(trainer, pl_module, self.attribution_data, type(self).__name__)
 
     def _dataset_names(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         if self.attribution_data is not None:
             return list(self.attribution_data)
         return list(self._validation_loaders(trainer, pl_module))
-
-    def _shard(self, trainer: pl.Trainer, name: str, loader: Iterable) -> list[tuple[int, Mapping[str, Any]]]:
-        """This rank's ``(global index, batch)`` pairs: batch ``i`` (``i < max_batches``) goes to rank
-        ``i % world_size``. Every rank walks the same batches, so all ranks raise together on an empty set."""
-        kwargs = _sampler_kwargs(trainer)
-        world = int(kwargs.get("num_replicas", trainer.world_size))
-        rank = int(kwargs.get("rank", trainer.global_rank))
-        out = []
-        seen = 0
-        for i, batch in enumerate(loader):
-            if self.config.max_batches is not None and i >= self.config.max_batches:
-                break
-            seen += 1
-            if i % world == rank:
-                out.append((i, batch))
-        if seen == 0:
-            raise ValueError(
-                f"attribution data set {name!r} is empty (its DataLoader gave no batches): scores from it would "
-                "be NaN. Give it data, or drop it from attribution_data and dataset_weights"
-            )
-        return out
 
     # ------------------------------------------------------------------------------------------------------
     # Hooks
@@ -551,10 +474,13 @@ class CausalAttributionCallback(Callback):
             progress = bool(self.progress) and trainer.is_global_zero
             start = time.perf_counter()
             effects: dict[tuple[str, str, str], Effects] = {}
-            local = {name: self._shard(trainer, name, loader) for name, loader in datasets.items()}
+            local = {
+                name: shard(trainer, name, loader, self.config.max_batches)
+                for name, loader in datasets.items()
+            }
             with _attribution_context(model, sharding_root(trainer, pl_module)) as replay:
                 for ds_name, batches in local.items():
-                    with _naming_dataset(ds_name):
+                    with naming_dataset(ds_name):
                         means = (
                             _global_site_means(trainer, model, sites, batches)
                             if "mean" in self.config.interventions
@@ -666,26 +592,6 @@ class CausalAttributionCallback(Callback):
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-@contextmanager
-def _naming_dataset(name: str) -> Iterator[None]:
-    """Prefix a ValueError raised inside (a NaN effect, a metric of the wrong shape) with the data set's name."""
-    try:
-        yield
-    except ValueError as err:
-        raise ValueError(f"attribution data set {name!r}: {err}") from err
-
-
-def _set_names(owner: Any, n: int) -> list[str] | None:
-    """Names of ``n`` validation sets from ``val_set_names`` / ``eval_sets`` on ``owner`` (if they fit)."""
-    for attr in ("val_set_names", "eval_sets"):
-        names = getattr(owner, attr, None)
-        if isinstance(names, Mapping):
-            names = list(names)
-        if isinstance(names, (list, tuple)) and len(names) == n and all(isinstance(x, str) for x in names):
-            return list(names)
-    return None
 
 
 def _is_tensorboard(logger: Any) -> bool:

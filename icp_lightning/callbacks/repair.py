@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from icp_lightning.callbacks._attribution_data import set_names
 from icp_lightning.core.tokens import (
     discover_tokens,
     mask_input_tokens,
@@ -379,10 +380,9 @@ def _as_word(t: int | Sequence[int]) -> tuple[int, ...]:
 
 def _eval_names(trainer: pl.Trainer, pl_module: pl.LightningModule, n: int) -> list[str]:
     for owner in (_datamodule(trainer), pl_module):
-        for attr in ("val_set_names", "eval_set_names", "eval_sets"):
-            names = getattr(owner, attr, None) if owner is not None else None
-            if isinstance(names, (list, tuple)) and len(names) == n:
-                return [str(x) for x in names]
+        names = set_names(owner, n) if owner is not None else None
+        if names is not None:
+            return names
     return [str(i) for i in range(n)] if n > 1 else ["val"]
 
 
