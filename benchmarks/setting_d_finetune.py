@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import re
@@ -761,7 +762,17 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
     for n in methods + ["ICP attribution"]:
         rows = [r["costs"][n] for r in runs if n in r["costs"]]
         costs[n] = {k: statistics.mean(c[k] for c in rows) for k in rows[0]}
-    summary = {"seeds": [r["seed"] for r in runs], "table": table, "mean": mean, "targets": targets,
+    bold_domains = {
+        n: {dom: statistics.mean(r["results"][n]["bold"][dom]["gap"] for r in runs) for dom in BOLD_GROUPS}
+        for n in methods
+    }
+    p_un = un["crows"] / 100
+    noise = {  # binomial standard error of one seed's score, in points
+        "crows_se_points": 100 * math.sqrt(p_un * (1 - p_un) / runs[0]["sizes"]["eval pairs"]),
+        "stereoset_se_points": math.sqrt(un["ss"] * (100 - un["ss"]) / runs[0]["args"]["stereoset"]),
+    }
+    summary = {"seeds": [r["seed"] for r in runs], "table": table, "bold_domains": bold_domains, "noise": noise,
+               "leaks": sum(sum(r.get("leaks", {}).values()) for r in runs), "mean": mean, "targets": targets,
                "paired": paired, "costs": costs, "sizes": runs[0]["sizes"], "args": runs[0]["args"],
                "extra": {r["seed"]: r["extra"] for r in runs}, "machine": platform.platform(),
                "tuning": TUNING_NOTES}  # fmt: skip
@@ -823,6 +834,23 @@ def report(s: Mapping[str, Any]) -> str:
     for base, row in s["paired"].items():
         lines.append(f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})"
                                                    for m in METRICS) + " |")  # fmt: skip
+    lines += ["", "Per seed (CrowS ss % / StereoSet ss % / ICAT / perplexity):", "",
+              "| method | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |", "|---|" + "---|" * n]  # fmt: skip
+    for name, row in s["table"].items():
+        cells = [f"{c:.1f} / {ss:.1f} / {i:.1f} / {p:.1f}"
+                 for c, ss, i, p in zip(row["crows"], row["ss"], row["icat"], row["ppl"])]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bd = s["bold_domains"]
+    lines += ["", "BOLD gap per domain (mean over seeds): " + "; ".join(
+        f"{name}: " + ", ".join(f"{dom} {v:.3f}" for dom, v in row.items()) for name, row in bd.items()) + "."]  # fmt: skip
+    lines += ["", f"Sampling noise of one seed's score (binomial standard error at the unedited rate): CrowS "
+              f"±{s['noise']['crows_se_points']:.1f} points ({z['eval pairs']} pairs), StereoSet ss "
+              f"±{s['noise']['stereoset_se_points']:.1f} points ({a['stereoset']} contexts; the same contexts for every "
+              "seed and method, so differences between methods are paired). Sentences shared between what a seed "
+              f"reads before its final numbers and the final-number sets: {s['leaks']} (checked per seed). Seconds: "
+              "training (ICP: attribution + training) and evaluation per method, 1 torch thread on a shared 2-core "
+              "machine; peak RSS: the whole process's resident memory while the method ran (the unedited model stays "
+              "loaded)."]  # fmt: skip
     if s.get("tuning"):
         lines += ["", "Choices (made with `--tune` on seed 0 before the run): " + s["tuning"]]
     return "\n".join(lines) + "\n"
