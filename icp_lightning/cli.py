@@ -17,7 +17,16 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from icp_lightning.core.choices import (  # plain typing: no heavy import
+    AttributionPartner,
+    Granularity,
+    InterventionKind,
+    Method,
+    Reduction,
+    Scope,
+)
 
 if TYPE_CHECKING:  # the heavy imports wait for a subcommand: `icp --help` answers at once
     import torch
@@ -128,17 +137,17 @@ def attribute(
     out: str = "icp_report",
     datasets: Sequence[str] | None = None,
     dataset_weights: dict[str, float] | None = None,
-    interventions: Sequence[Literal["mask", "scale", "swap", "mean"]] = ("mask",),
+    interventions: Sequence[InterventionKind] = ("mask",),
     alpha: float = 0.5,
-    partner: Literal["auto", "permutation", "paired"] = "auto",
+    partner: AttributionPartner = "auto",
     metrics: Sequence[str] = ("label_logprob",),
     intervention_weights: dict[str, float] | None = None,
     metric_weights: dict[str, float] | None = None,
-    method: Literal["exact", "gradient", "screened"] = "gradient",
-    granularity: Literal["neuron", "head"] = "neuron",
+    method: Method = "gradient",
+    granularity: Granularity = "neuron",
     target_modules: str | list[str] | None = None,
     exclude_modules: str | list[str] | None = None,
-    reduction: Literal["signed", "abs"] = "signed",
+    reduction: Reduction = "signed",
     max_batches: int | None = 8,
     num_labels: int = 2,
     top_k: int = 20,
@@ -220,7 +229,7 @@ def prune(
     out: str = "icp_pruned",
     threshold: float | None = None,
     amount: int | float | None = None,
-    scope: Literal["global", "per_site"] = "global",
+    scope: Scope = "global",
     min_keep: int = 1,
     slim_model: bool = False,
     num_labels: int = 2,

@@ -81,6 +81,7 @@ from icp_lightning.callbacks._distributed import (
     sharding_root,
 )
 from icp_lightning.core.attribution import AttributionConfig
+from icp_lightning.core.choices import AttributionPartner, Partner
 from icp_lightning.core.effects import Effects, Method, causal_effects
 from icp_lightning.core.interventions import InterventionKind
 from icp_lightning.core.scores import Reduction, Scores, spuriousness
@@ -185,7 +186,7 @@ class CausalAttributionCallback(Callback):
         top_k_log: int = 20,
         progress: bool = True,
         save_dir: str | os.PathLike[str] | None = None,
-        partner: Literal["auto", "permutation", "paired"] = "auto",
+        partner: AttributionPartner = "auto",
     ) -> None:
         self.config = AttributionConfig(
             target_modules=target_modules,
@@ -305,7 +306,7 @@ class CausalAttributionCallback(Callback):
     # ------------------------------------------------------------------------------------------------------
     # Listeners
 
-    def _partner(self, batch: Mapping[str, Any]) -> Literal["permutation", "paired"]:
+    def _partner(self, batch: Mapping[str, Any]) -> Partner:
         if self.config.partner == "auto":
             return "paired" if "cf_input_ids" in batch else "permutation"
         return self.config.partner

@@ -42,9 +42,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-SiteKind = Literal["ffn", "attn", "other"]
+from icp_lightning.core.choices import SiteKind
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
+from icp_lightning.core.choices import ATTRIBUTION_PARTNERS as PARTNERS
+from icp_lightning.core.choices import GRANULARITIES, REDUCTIONS, AttributionPartner, Partner
 from icp_lightning.core.effect_metrics import METRICS, metric_name
 from icp_lightning.core.effects import METHODS, Effects, Method, causal_effects
 from icp_lightning.core.interventions import INTERVENTIONS, InterventionKind, check_alpha
@@ -33,10 +35,6 @@ from icp_lightning.core.scores import Reduction, Scores, spuriousness
 from icp_lightning.core.sites import Granularity, Sites, find_sites
 
 __all__ = ["AttributionConfig", "attribute", "check_weights"]
-
-GRANULARITIES = ("neuron", "head")
-REDUCTIONS = ("signed", "abs")
-PARTNERS = ("auto", "permutation", "paired")
 
 
 def check_weights(weights: Mapping[str, float] | None, allowed: Sequence[str], what: str) -> None:
@@ -98,7 +96,7 @@ class AttributionConfig:
     reduction: Reduction = "signed"
     method: Method = "gradient"
     max_batches: int | None = 4
-    partner: Literal["auto", "permutation", "paired"] = "auto"
+    partner: AttributionPartner = "auto"
     metric_names: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,7 +174,7 @@ class AttributionConfig:
         }
 
 
-def _partner(config: AttributionConfig, batch: Mapping[str, Any]) -> Literal["permutation", "paired"]:
+def _partner(config: AttributionConfig, batch: Mapping[str, Any]) -> Partner:
     if config.partner != "auto":
         return config.partner
     return "paired" if "cf_input_ids" in batch else "permutation"

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from icp_lightning.core.choices import METHODS, Method, Partner
 from icp_lightning.core.effect_metrics import (
     MetricFn,
     check_metric_values,
@@ -60,10 +61,6 @@ from icp_lightning.core.replay import (
 )
 from icp_lightning.core.results import SiteValues
 from icp_lightning.core.sites import Sites
-
-Method = Literal["exact", "gradient", "screened"]
-Partner = Literal["permutation", "paired"]
-METHODS = ("exact", "gradient", "screened")
 
 
 class Effects(SiteValues):

@@ -24,15 +24,14 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from icp_lightning.core.choices import INTERVENTIONS, InterventionKind
 from icp_lightning.core.sites import Sites
 
-InterventionKind = Literal["mask", "scale", "swap", "mean"]
-INTERVENTIONS: tuple[str, ...] = ("mask", "scale", "swap", "mean")
 CF_PREFIX = "cf_"
 
 

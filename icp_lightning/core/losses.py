@@ -31,15 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-KLDirection = Literal["forward", "reverse", "symmetric"]
-KLSchedule = Literal["constant", "linear_warmup"]
-KL_DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "symmetric")
-KL_SCHEDULES: tuple[str, ...] = ("constant", "linear_warmup")
+from icp_lightning.core.choices import KL_DIRECTIONS, KL_SCHEDULES, KLDirection, KLSchedule
+
 IGNORE_INDEX = -100
 
 

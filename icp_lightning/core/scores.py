@@ -31,15 +31,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import nn
 
+from icp_lightning.core.choices import Reduction
 from icp_lightning.core.results import SiteValues
 from icp_lightning.core.sites import model_description
 
-Reduction = Literal["abs", "signed"]
 EffectKey = tuple[str, str, str]
 
 

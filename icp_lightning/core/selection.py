@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from icp_lightning.core.choices import MODES, SCOPES, Mode, Scope
 from icp_lightning.core.sites import Sites, check_scores_fit
 
 __all__ = [
@@ -58,11 +59,6 @@ __all__ = [
     "default_factor",
     "select_masks",
 ]
-
-Scope = Literal["global", "per_site"]
-Mode = Literal["hard", "soft"]
-SCOPES: tuple[str, ...] = ("global", "per_site")
-MODES: tuple[str, ...] = ("hard", "soft")
 
 
 class SelectFn(Protocol):

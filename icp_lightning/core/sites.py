@@ -30,7 +30,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -42,13 +41,12 @@ from icp_lightning.core.architectures import (  # DEFAULT_TARGETS, SiteKind: imp
     config_heads,
     site_kind,
 )
+from icp_lightning.core.choices import Granularity
 
 try:  # GPT-2 style layers store the weight transposed; they count as linear.
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a hard dependency, but keep core importable
     Conv1D = None  # type: ignore[assignment,misc]
-
-Granularity = Literal["neuron", "head"]
 
 
 def is_linear(module: nn.Module) -> bool:

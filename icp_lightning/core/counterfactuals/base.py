@@ -13,11 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from icp_lightning.core.choices import (  # EditKind, Projection, CounterfactualName: importable from here
+    CounterfactualKind,
+    CounterfactualName,  # noqa: F401
+    EditKind,  # noqa: F401
+    Partner,
+    Projection,  # noqa: F401
+)
 from icp_lightning.core.interventions import (
     Intervention,
     capture_site_inputs,
@@ -29,11 +36,6 @@ from icp_lightning.core.interventions import (
 from icp_lightning.core.selection import select_masks
 from icp_lightning.core.sites import Sites, check_scores_fit
 
-CounterfactualName = Literal["intervention", "inversion", "token_edit", "paired", "token_swap"]
-CounterfactualKind = Literal["swap", "mask"]
-Partner = Literal["permutation", "paired"]
-EditKind = Literal["mask", "delete", "hotflip"]
-Projection = Literal["cosine", "l2"]
 _Batch = Mapping[str, Any]
 _Feats = Mapping[str, torch.Tensor]
 
