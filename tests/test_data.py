@@ -705,3 +705,35 @@ def test_an_eval_set_named_heldout(tmp_path: Path, tokenizer_path: str) -> None:
     assert n_rows(dm.eval_datasets["heldout"]) == 4
     with pytest.raises(ValueError, match="an evaluation set is named 'heldout'.*rename that evaluation set"):
         files_module(tmp_path, tokenizer_path, eval_files={"heldout": held}, heldout_size=4)
+
+
+def test_attribution_data_can_name_the_training_sample(tmp_path: Path, tokenizer_path: str) -> None:
+    """``attribution_data={"train": "train", ...}`` reads the data module's seeded training sample
+    (``attribution_dataloaders(["train"])``), so a config can attribute without reading an evaluation set."""
+    from types import SimpleNamespace
+
+    from icp_lightning.callbacks._attribution_data import attribution_datasets
+
+    dm = ICPDataModule(
+        tokenizer_path, recipe="imdb_sample", shortcut_token=TOKEN, max_length=24, batch_size=8,
+        eval_batch_size=8, heldout_size=8, attribution_size=12,
+    )  # fmt: skip
+    dm.setup()
+    trainer = SimpleNamespace(datamodule=dm)
+    got = attribution_datasets(trainer, pl.LightningModule(), {"train": "train", "heldout": "heldout"}, "cb")
+    assert list(got) == ["train", "heldout"]
+
+    def rows(loader: Any) -> list[tuple[int, ...]]:
+        return [
+            tuple(ids[m.bool()].tolist())
+            for b in loader
+            for ids, m in zip(b["input_ids"], b["attention_mask"])
+        ]
+
+    train = rows(got["train"])
+    assert train == rows(dm.attribution_dataloaders(["train"])["train"]) and len(train) == 12
+    assert set(train) <= set(rows(dm._loader(dm.train_dataset, 8, False)))
+    for name in ("id", "ood", "clean"):  # no evaluation sentence among them
+        assert not set(train) & set(rows(dm.eval_dataloaders()[name]))
+    with pytest.raises(ValueError, match="'nope'.*validation dataloaders are.*or 'train'"):
+        attribution_datasets(trainer, pl.LightningModule(), {"x": "nope"}, "cb")

@@ -12,12 +12,17 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from icp_lightning.callbacks._distributed import _sampler_kwargs
 
+#: The ``attribution_data`` value that names the data module's training sample rather than a validation set.
+TRAIN_SAMPLE = "train"
+
 __all__ = [
+    "TRAIN_SAMPLE",
     "attribution_datasets",
     "checked_attribution_data",
     "naming_dataset",
     "set_names",
     "shard",
+    "training_sample",
     "validation_loaders",
 ]
 
@@ -73,6 +78,20 @@ def validation_loaders(trainer: pl.Trainer, pl_module: pl.LightningModule, who: 
     return {names[0]: loaders}
 
 
+def training_sample(trainer: pl.Trainer, name: str) -> Iterable:
+    """The data module's seeded sample of its training split (``attribution_dataloaders(["train"])`` of an
+    :class:`~icp_lightning.data.ICPDataModule`): what ``attribution_data={name: "train"}`` reads, so that
+    attribution need not read an evaluation set."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    loaders = getattr(datamodule, "attribution_dataloaders", None)
+    if not callable(loaders):
+        raise ValueError(
+            f"attribution_data[{name!r}] = {TRAIN_SAMPLE!r} reads the data module's training sample, but this fit "
+            "has no data module with attribution_dataloaders() (an ICPDataModule has it): give a DataLoader instead"
+        )
+    return loaders([TRAIN_SAMPLE])[TRAIN_SAMPLE]  # type: ignore[no-any-return]
+
+
 def attribution_datasets(
     trainer: pl.Trainer, pl_module: pl.LightningModule, attribution_data: Mapping[str, Any] | None, who: str
 ) -> dict[str, Iterable]:
@@ -84,12 +103,16 @@ def attribution_datasets(
     for name, value in attribution_data.items():
         if isinstance(value, str):
             val = val if val is not None else validation_loaders(trainer, pl_module, who)
-            if value not in val:
+            if value in val:
+                out[name] = val[value]
+            elif value == TRAIN_SAMPLE:
+                out[name] = training_sample(trainer, name)
+            else:
                 raise ValueError(
                     f"attribution_data[{name!r}] names the validation dataloader {value!r}, but the "
-                    f"validation dataloaders are {list(val)}"
+                    f"validation dataloaders are {list(val)} (or {TRAIN_SAMPLE!r}: the data module's "
+                    "training sample)"
                 )
-            out[name] = val[value]
         else:
             out[name] = value
     return out

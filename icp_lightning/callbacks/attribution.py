@@ -118,7 +118,10 @@ class CausalAttributionCallback(Callback):
         dataset_weights: one weight per attribution data set, e.g. ``{"id": 1.0, "ood": -1.0}`` (default 1 each).
         reduction: ``"signed"`` (contrast data sets: finds shortcuts) or ``"abs"`` (rank importance).
         attribution_data: data set name -> a ``DataLoader`` (any iterable of dict batches), or -> the name of one
-            of the validation dataloaders (see below). ``None``: all validation dataloaders. Validation
+            of the validation dataloaders (see below), or -> ``"train"``: the data module's seeded sample of
+            its training split (``ICPDataModule.attribution_dataloaders(["train"])``), which keeps attribution
+            off the evaluation sets, e.g. ``{"train": "train", "heldout": "heldout"}``. ``None``: all
+            validation dataloaders. Validation
             dataloaders come from ``datamodule.val_dataloader()``, else ``LightningModule.val_dataloader()``,
             else the ``val_dataloaders`` given to ``fit``; a dict is named by its keys, a list by the
             ``val_set_names`` (or ``eval_sets``) attribute of the datamodule / module, else ``val_0``, ``val_1``,
