@@ -698,6 +698,35 @@ def tune(d: Data, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+RANDOM = "random reweight + KL"
+
+
+def add_random(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any]) -> None:
+    """The random control for a seed already run (``--add-random``): as many random FFN neurons as ICP scaled by
+    the same factor, then the same LoRA + KL fine-tuning (same batches, same adapter seed) as
+    :func:`run_seed`'s methods; its final numbers are added to ``part``."""
+    plan = plan_seed(d, seed, args)
+    assert not any(leaks(d, plan).values())
+    batches = train_batches([(d.ids(x), d.ids(y)) for x, y in plan.train], args.train_batch, d.pad_id)
+    values = prune_values(d.ffn, random_ranking(d.ffn, seed), args.k, args.factor)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        model = copy.deepcopy(d.model)
+        apply_masks(model, find_sites(model, target_modules=FFN_SITES), values)
+        peft = add_lora(model, args.lora_rank, seed)
+        losses = finetune(peft, batches, kl_objective(args.lam), args.lr)
+        merged = peft.merge_and_unload()  # type: ignore[operator]
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    part["results"][RANDOM] = r = evaluate(merged, d, args, plan.eval_idx)
+    part["costs"][RANDOM] = {"train_s": seconds, "eval_s": time.perf_counter() - t1, "peak_rss_mb": mem.peak}
+    part["extra"][f"{RANDOM}: losses"] = [losses[0], losses[-1]]
+    print(f"D-ft seed {seed} {RANDOM}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
+          flush=True)  # fmt: skip
+    if args.save_models:
+        save_model(merged, d, Path(args.save_models), seed, RANDOM, {"k": args.k, "factor": args.factor})
+
+
 # ------------------------------------------------------------------------------------------------------
 # Report
 
@@ -724,7 +753,7 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
     runs = [json.loads(p.read_text()) for p in sorted(part_path(out, 0).parent.glob("seed*.json"))]
     if not runs:
         raise SystemExit(f"no parts under {part_path(out, 0).parent}")
-    methods = list(runs[0]["results"])
+    methods = [m for m in runs[0]["results"] if all(m in r["results"] for r in runs)]
     table = {n: {m: [_value(r["results"][n], m) for r in runs] for m in METRICS} for n in methods}
     mean = {n: {m: statistics.mean(v) for m, v in row.items()} for n, row in table.items()}
     un = mean["unedited"]
@@ -939,6 +968,12 @@ def main() -> None:
         return
     for seed in args.seeds:
         path = part_path(out, seed)
+        if args.add_random:
+            part = json.loads(path.read_text())
+            if RANDOM not in part["results"]:
+                add_random(seed, d, args, part)
+                write_atomic(path, json.dumps(part, indent=1, default=float))
+            continue
         if path.exists() and not args.force:
             print(f"seed {seed}: {path} exists, skipped", flush=True)
             continue
