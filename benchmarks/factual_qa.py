@@ -478,11 +478,31 @@ def choose_k(
 # NQ-open: greedy generation of a short answer
 
 
+#: Version of the NQ answer rule recorded in each part: 2 skips leading newlines (:func:`answer_length`); parts
+#: without it cut every answer at a leading newline (empty answers).
+NQ_GENERATION = 2
+
+
+def answer_length(pieces: Sequence[str], ends: Sequence[bool]) -> int:
+    """How many generated tokens the answer keeps: up to an end-of-sequence / padding token (``ends``), or up to
+    the first newline once the answer has begun; newlines and spaces before it are skipped, not an end (instruct
+    models often start with a newline, and cutting there left every NQ answer empty)."""
+    started = False
+    for j, (piece, end) in enumerate(zip(pieces, ends)):
+        if end:
+            return j
+        if "\n" in piece and (started or piece.split("\n")[0].strip()):
+            return j
+        started = started or bool(piece.strip())
+    return len(pieces)
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 6, batch_size: int = 16
 ) -> tuple[list[str], torch.Tensor]:
-    """Greedy answers (cut at the first newline) and their probabilities (product over the kept tokens)."""
+    """Greedy answers (up to the first newline after the answer began: :func:`answer_length`) and their
+    probabilities (product over the kept tokens, leading newlines included)."""
     was = model.training
     model.eval()
     gen: Any = model
@@ -502,12 +522,8 @@ def generate_answers(
             picked = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
             for r in range(new.shape[0]):
                 toks = new[r].tolist()
-                keep = len(toks)
-                for j, t in enumerate(toks):
-                    piece = tokenizer.decode([t])
-                    if t == tokenizer.eos_token_id or t == tokenizer.pad_token_id or "\n" in piece:
-                        keep = j
-                        break
+                ends = [t in (tokenizer.eos_token_id, tokenizer.pad_token_id) for t in toks]
+                keep = answer_length([tokenizer.decode([t]) for t in toks], ends)
                 text = tokenizer.decode(toks[:keep], skip_special_tokens=True).strip()
                 texts.append(text)
                 probs.append(float(picked[r, :keep].sum().exp()) if keep else 0.0)
@@ -710,6 +726,7 @@ def nq_metrics(ctx: Context, model: nn.Module, threshold: float, args: argparse.
     row: dict[str, Any] = dict(qa_reliability(probs.clamp(0, 1), contains, threshold))
     row["exact_match"] = float(em.double().mean())
     row["examples"] = [{"answer": t, "p": round(float(p), 4)} for t, p in list(zip(texts, probs))[:5]]
+    row["generation"] = NQ_GENERATION
     return row
 
 
@@ -1056,6 +1073,23 @@ def _fmt(pair: Sequence[float], pct: bool) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
 
 
+def _nq_caveat(rows: Mapping[str, Any]) -> list[str]:
+    """A warning line when some parts' NQ numbers predate :data:`NQ_GENERATION` (answers cut at a leading
+    newline, so empty: their NQ columns measure nothing)."""
+    unique = {id(r.get("part")): r.get("part") or {} for per_seed in rows.values() for r in per_seed.values()}
+    parts = list(unique.values())  # the "+ TS" rows share their base method's part
+    old = sum(1 for p in parts if p.get("nq") and p["nq"].get("generation") != NQ_GENERATION)
+    if not old:
+        return []
+    return [
+        f"**NQ columns: {old} of {len(parts)} trained parts were generated before the answer rule was fixed** "
+        "(answers cut at a leading newline, so most answers were empty and contains-answer is near 0 for that "
+        "reason); rerun the "
+        "benchmark to refresh them. The BoolQ columns are not affected.",
+        "",
+    ]
+
+
 def _markdown(
     summary: Mapping[str, Any], checks: Mapping[str, Any], costs: Mapping[str, Any],
     rows: Mapping[str, Any], args: argparse.Namespace,
@@ -1077,6 +1111,7 @@ def _markdown(
         "irrelevant-passage questions answered with confidence > threshold; AUROC of the confidence for "
         "correctness. All in %, ECE and Brier as fractions.",
         "",
+        *_nq_caveat(rows),
         "| method | seeds | ID acc | ID ECE | ID Brier | ID AUROC | ID halluc. | ID unsupported | OOD acc | OOD ECE "
         "| OOD halluc. | OOD unsupported | NQ contains | NQ halluc. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -286,3 +286,16 @@ def test_tiny_end_to_end_run_writes_parts_report_and_models(tmp_path: Path) -> N
     main([*common, "--seeds", "1", "--methods", "LoRA", "--no-zero-shot"])
     redo = json.loads((parts / "seed1_LoRA.json").read_text())
     assert redo["metrics"] == json.loads(before)["metrics"]
+
+
+def test_answer_length_skips_leading_newlines_and_stops_at_the_next_one() -> None:
+    """NQ-open answers: an instruct model often starts with a newline; that is not the end of the answer (every
+    NQ answer was empty, contains-answer 0.0 for every method, when the first newline cut it)."""
+    from benchmarks.factual_qa import answer_length
+
+    assert answer_length(["\n", " Paris", "\n", "Q"], [False] * 4) == 2
+    assert answer_length(["\n", "\n", " 1969", ".", "\n"], [False] * 5) == 4
+    assert answer_length([" Paris", "\n", "x"], [False] * 3) == 1
+    assert answer_length([" Paris", " France", "</s>"], [False, False, True]) == 2
+    assert answer_length(["\n", "</s>"], [False, True]) == 1  # nothing but a newline: an empty answer
+    assert answer_length([" a", " b"], [False, False]) == 2
