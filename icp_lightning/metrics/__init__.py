@@ -1,4 +1,5 @@
-"""Reliability metrics: calibration, group fairness, group accuracy, counterfactual flips, LM likelihood scores.
+"""Reliability metrics: calibration, group fairness, group accuracy, counterfactual flips, LM likelihood scores,
+question answering (hallucination rate, unsupported confidence, Brier score, answer matching: :mod:`.qa`).
 
 Functions (pure torch) live in :mod:`~icp_lightning.metrics.functional` and :mod:`~icp_lightning.metrics.lm`;
 ``torchmetrics.Metric`` classes with fixed-size, sum-reduced states in :mod:`~icp_lightning.metrics.classes`;
@@ -41,10 +42,36 @@ from icp_lightning.metrics.lm import (
     stereotype_score,
     yes_no_accuracy,
 )
+from icp_lightning.metrics.qa import (
+    BrierScore,
+    HallucinationRate,
+    UnsupportedConfidentRate,
+    brier_score,
+    contains_answer,
+    exact_match,
+    fit_temperature,
+    hallucination_rate,
+    normalize_answer,
+    qa_reliability,
+    unsupported_confident_rate,
+    yes_no_confidence,
+)
 from icp_lightning.metrics.reliability import ReliabilityMetrics
 from icp_lightning.metrics.reliance import FeatureReliance, feature_reliance
 
 __all__ = [
+    "BrierScore",
+    "HallucinationRate",
+    "UnsupportedConfidentRate",
+    "brier_score",
+    "contains_answer",
+    "exact_match",
+    "fit_temperature",
+    "hallucination_rate",
+    "normalize_answer",
+    "qa_reliability",
+    "unsupported_confident_rate",
+    "yes_no_confidence",
     "BiasAmplification",
     "CounterfactualFlipRate",
     "CounterfactualProbabilityChange",
