@@ -770,7 +770,7 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
             "ppl_change_rel": ppl_rel, "ppl_met": ppl_rel <= TARGET_PPL_REL,
             "icat_minus_unedited": mean[n]["icat"] - un["icat"], "icat_above_unedited": mean[n]["icat"] > un["icat"],
         }  # fmt: skip
-        if "CDA" in mean:
+        if "CDA" in mean and n != "CDA":
             targets[n]["icat_minus_cda"] = mean[n]["icat"] - mean["CDA"]["icat"]
             targets[n]["icat_above_cda"] = mean[n]["icat"] > mean["CDA"]["icat"]
     paired: dict[str, Any] = {}
