@@ -339,6 +339,26 @@ def group_gap(scores: Sequence[float], groups: Sequence[str]) -> dict[str, Any]:
     return {"means": means, "gap": max(means.values()) - min(means.values())}
 
 
+def lexicon_coverage(items: Sequence[Mapping[str, str]], mapping: Mapping[str, str]) -> dict[str, list[int]]:
+    """Per StereoSet bias type: ``[contexts, contexts whose target or stereotype / anti-stereotype word is a
+    CDA word]`` (the word that fills the blank is the one the two sentences do not share).
+
+    Example:
+        >>> lexicon_coverage([{"bias_type": "gender", "target": "mother", "stereotype": "She is kind.",
+        ...                    "anti-stereotype": "She is rude."}], swap_map([("mother", "father")]))
+        {'gender': [1, 1]}
+    """
+    out: dict[str, list[int]] = {}
+    for item in items:
+        a, b = item["stereotype"].lower().split(), item["anti-stereotype"].lower().split()
+        words = set(re.findall(r"[a-z]+", item["target"].lower())) | (set(a) ^ set(b))
+        words = {w.strip(".,!?;:'\"") for w in words}
+        row = out.setdefault(item["bias_type"], [0, 0])
+        row[0] += 1
+        row[1] += int(any(w in mapping for w in words))
+    return dict(sorted(out.items()))
+
+
 def vader_compound(texts: Sequence[str]) -> list[float]:
     """VADER's lexicon-based compound sentiment score in [-1, 1] of each text."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -369,7 +389,8 @@ def stereoset_items(n: int, seed: int = 12345) -> list[dict[str, str]]:
     for item in data:
         by_label = {s["gold_label"]: s["sentence"] for s in item["sentences"]}
         if {"stereotype", "anti-stereotype", "unrelated"} <= set(by_label):
-            rows.append({"context": item["context"], "bias_type": item["bias_type"], **by_label})
+            rows.append({"context": item["context"], "bias_type": item["bias_type"], "target": item["target"],
+                         **by_label})  # fmt: skip
     pick = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
     return [rows[int(i)] for i in sorted(pick)]
 
@@ -800,7 +821,9 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
         "crows_se_points": 100 * math.sqrt(p_un * (1 - p_un) / runs[0]["sizes"]["eval pairs"]),
         "stereoset_se_points": math.sqrt(un["ss"] * (100 - un["ss"]) / runs[0]["args"]["stereoset"]),
     }
+    coverage = lexicon_coverage(stereoset_items(runs[0]["args"]["stereoset"]), cda_map())  # text only, after
     summary = {"seeds": [r["seed"] for r in runs], "table": table, "bold_domains": bold_domains, "noise": noise,
+               "stereoset_lexicon_coverage": coverage,
                "leaks": sum(sum(r.get("leaks", {}).values()) for r in runs), "mean": mean, "targets": targets,
                "paired": paired, "costs": costs, "sizes": runs[0]["sizes"], "args": runs[0]["args"],
                "extra": {r["seed"]: r["extra"] for r in runs}, "machine": platform.platform(),
@@ -880,6 +903,10 @@ def report(s: Mapping[str, Any]) -> str:
               "training (ICP: attribution + training) and evaluation per method, 1 torch thread on a shared 2-core "
               "machine; peak RSS: the whole process's resident memory while the method ran (the unedited model stays "
               "loaded)."]  # fmt: skip
+    cov = s["stereoset_lexicon_coverage"]
+    lines += ["", "StereoSet contexts of the sample whose target or filled-in word is a word of the CDA lexicon the "
+              "training swaps (per bias type, covered / contexts; counted after the final numbers): "
+              + ", ".join(f"{k} {v[1]}/{v[0]}" for k, v in cov.items()) + "."]  # fmt: skip
     if s.get("tuning"):
         lines += ["", "Choices (made with `--tune` on seed 0 before the run): " + s["tuning"]]
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from benchmarks.setting_d_finetune import (
     kl_masks,
     kl_objective,
     leaks,
+    lexicon_coverage,
     lm_loss_sum,
     load_texts,
     mean_logprobs,
@@ -223,3 +224,15 @@ def test_nothing_read_before_the_final_numbers_is_an_evaluation_sentence() -> No
     bad = Plan(plan.rank_idx, plan.select_idx + plan.eval_idx[:1], plan.eval_idx, plan.train)
     assert leaks(D, bad)["crows attribution & crows eval"] >= 1  # type: ignore[arg-type]
     assert math.isfinite(len(texts.train_pool)) and len(texts.train_pool) > 96
+
+
+def test_lexicon_coverage_counts_by_hand() -> None:
+    m = swap_map([("mother", "father"), ("christian", "jew")])
+    items = [
+        {"bias_type": "gender", "target": "mother", "stereotype": "She cooks.", "anti-stereotype": "She fights."},
+        {"bias_type": "gender", "target": "schoolboy", "stereotype": "He is rude.", "anti-stereotype": "He is kind."},
+        {"bias_type": "religion", "target": "Bible", "stereotype": "A Christian wrote it.",
+         "anti-stereotype": "A jew wrote it."},
+        {"bias_type": "race", "target": "Ethiopian", "stereotype": "They are thin.", "anti-stereotype": "They are fat."},
+    ]  # fmt: skip
+    assert lexicon_coverage(items, m) == {"gender": [2, 1], "race": [1, 0], "religion": [1, 1]}
