@@ -12,7 +12,7 @@ import torch
 
 from icp_lightning.core.scores import Scores
 
-__all__ = ["score_heatmap", "top_table"]
+__all__ = ["add_scores_to_tensorboard", "score_heatmap", "top_table"]
 
 
 def top_table(scores: Scores, k: int) -> str:
@@ -64,3 +64,17 @@ def score_heatmap(scores: Scores, title: str) -> Any:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def add_scores_to_tensorboard(experiment: Any, scores: Scores, step: int, k: int, epoch: int) -> None:
+    """Log a round of scores to a TensorBoard ``SummaryWriter``: a histogram of each site's finite scores
+    (``icp/scores/<site>``), the top-``k`` table (``icp/top_features``) and the heatmap (``icp/score_heatmap``)."""
+    for name in scores:
+        values = scores[name]
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            experiment.add_histogram(f"icp/scores/{name}", values, global_step=step)
+    experiment.add_text("icp/top_features", top_table(scores, k), global_step=step)
+    figure = score_heatmap(scores, f"spuriousness scores, epoch {epoch}")
+    if figure is not None:
+        experiment.add_figure("icp/score_heatmap", figure, global_step=step, close=False)

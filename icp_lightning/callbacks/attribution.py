@@ -86,7 +86,7 @@ from icp_lightning.core.effects import Effects, Method, causal_effects
 from icp_lightning.core.interventions import InterventionKind
 from icp_lightning.core.scores import Reduction, Scores, spuriousness
 from icp_lightning.core.sites import Granularity, Sites
-from icp_lightning.plotting import score_heatmap, top_table
+from icp_lightning.plotting import add_scores_to_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -573,20 +573,10 @@ class CausalAttributionCallback(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         scores.save(directory / f"scores_epoch{epoch}.pt")
         scores.to_json(directory / f"scores_epoch{epoch}.json", k=self.top_k_log)
-        step = trainer.global_step
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if not _is_tensorboard(logger) or experiment is None:
-                continue
-            for name in scores:
-                values = scores[name]
-                values = values[torch.isfinite(values)]
-                if values.numel():
-                    experiment.add_histogram(f"icp/scores/{name}", values, global_step=step)
-            experiment.add_text("icp/top_features", top_table(scores, self.top_k_log), global_step=step)
-            figure = score_heatmap(scores, f"spuriousness scores, epoch {epoch}")
-            if figure is not None:
-                experiment.add_figure("icp/score_heatmap", figure, global_step=step, close=False)
+            if _is_tensorboard(logger) and experiment is not None:
+                add_scores_to_tensorboard(experiment, scores, trainer.global_step, self.top_k_log, epoch)
         top = scores.top_k(min(3, self.top_k_log)) if self.top_k_log else []
         rank_zero_info(
             f"[icp] attribution round {self.round} (epoch {epoch}) in {seconds:.1f}s over "
