@@ -821,9 +821,14 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
         "crows_se_points": 100 * math.sqrt(p_un * (1 - p_un) / runs[0]["sizes"]["eval pairs"]),
         "stereoset_se_points": math.sqrt(un["ss"] * (100 - un["ss"]) / runs[0]["args"]["stereoset"]),
     }
+    partial = {  # methods some seeds lack (a control added after the run and stopped early)
+        n: {"seeds": [r["seed"] for r in runs if n in r["results"]],
+            **{m: [_value(r["results"][n], m) for r in runs if n in r["results"]] for m in METRICS}}
+        for n in {m for r in runs for m in r["results"]} - set(methods)
+    }  # fmt: skip
     coverage = lexicon_coverage(stereoset_items(runs[0]["args"]["stereoset"]), cda_map())  # text only, after
     summary = {"seeds": [r["seed"] for r in runs], "table": table, "bold_domains": bold_domains, "noise": noise,
-               "stereoset_lexicon_coverage": coverage,
+               "stereoset_lexicon_coverage": coverage, "partial": partial,
                "leaks": sum(sum(r.get("leaks", {}).values()) for r in runs), "mean": mean, "targets": targets,
                "paired": paired, "costs": costs, "sizes": runs[0]["sizes"], "args": runs[0]["args"],
                "extra": {r["seed"]: r["extra"] for r in runs}, "machine": platform.platform(),
@@ -903,6 +908,9 @@ def report(s: Mapping[str, Any]) -> str:
               "training (ICP: attribution + training) and evaluation per method, 1 torch thread on a shared 2-core "
               "machine; peak RSS: the whole process's resident memory while the method ran (the unedited model stays "
               "loaded)."]  # fmt: skip
+    for name, row in s.get("partial", {}).items():
+        lines += ["", f"{name}, run on seeds {row['seeds']} only (not in the tables above): "
+                  + "; ".join(f"{LABELS[m]} {_ms(row[m])}" for m in METRICS) + "."]  # fmt: skip
     cov = s["stereoset_lexicon_coverage"]
     lines += ["", "StereoSet contexts of the sample whose target or filled-in word is a word of the CDA lexicon the "
               "training swaps (per bias type, covered / contexts; counted after the final numbers): "
