@@ -961,6 +961,7 @@ def main() -> None:
     parser.add_argument(
         "--save-models", default=None, help="write each method's final model to DIR/<seed>/<method>"
     )
+    parser.add_argument("--add-random", action="store_true", help="add the random control to existing parts")
     parser.add_argument("--tune-ks", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--tune-factors", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--tune-lams", type=float, nargs="+", default=[])
