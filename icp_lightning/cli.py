@@ -74,21 +74,44 @@ def _cli_class() -> Any:
             parser.add_lightning_class_args(ReliabilityReport, "report", required=False)
             parser.link_arguments("data.eval_set_names", "model.eval_sets", apply_on="instantiate")
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            given = kwargs.get("args")
+            self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
+            super().__init__(*args, **kwargs)
+
         def before_instantiate_classes(self) -> None:
-            # A callback group the config leaves at its defaults was not asked for: do not add it (a config
-            # without `pruning:` must not build a CausalPruningCallback with neither threshold nor amount).
+            # A callback group that no config file and no flag names was not asked for: do not add it (a
+            # config without `pruning:` must not build a CausalPruningCallback with neither threshold nor
+            # amount). A group given with its default values (`refit: {dataset: heldout}`) is built.
             parser = self._parser(self.subcommand)
-            config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-            defaults = parser.get_defaults()
+            asked = _groups_asked_for(self._argv)
             for key in parser.callback_keys:
                 group = (parser.groups or {}).get(key)
-                if group is not None and config.get(key) == defaults.get(key):
+                if group is not None and key not in asked:
                     group.instantiate_class = _skip_group  # type: ignore[attr-defined]
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
             return super()._instantiate_trainer(config, [cb for cb in callbacks if cb is not None])
 
     return ICPLightningCLI
+
+
+def _groups_asked_for(argv: Sequence[str]) -> set[str]:
+    """Top-level keys that the ``--config`` files of ``argv`` hold or that a flag names (``--refit.l2``,
+    ``--refit=...``): the callback groups the user asked for."""
+    import yaml
+
+    asked: set[str] = set()
+    for i, word in enumerate(argv):
+        if word.startswith("--"):
+            asked.add(word[2:].split("=", 1)[0].split(".", 1)[0])
+        path = argv[i + 1] if word == "--config" and i + 1 < len(argv) else None
+        if word.startswith("--config="):
+            path = word.split("=", 1)[1]
+        if path is not None and Path(path).is_file():
+            loaded = yaml.safe_load(Path(path).read_text())
+            asked.update(loaded if isinstance(loaded, dict) else {})
+    return asked
 
 
 def _skip_group(group: Any, cfg: Any) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from icp_lightning.cli import main
 from tests.conftest import require_assets
@@ -196,3 +197,32 @@ def test_a_config_without_a_pruning_group_adds_no_pruning_callback(tmp_path):
     main(["fit", "--config", "configs/repair.yaml", "--trainer.fast_dev_run", "1",
           "--data.max_train_examples", "64", "--data.max_eval_examples", "32",
           "--trainer.default_root_dir", root, "--trainer.logger", "false"])  # fmt: skip
+
+
+def test_a_callback_group_given_with_its_default_values_is_still_built(tmp_path):
+    """`refit: {dataset: heldout, l2: 1.0}` (the quickstart's) equals HeadRefitCallback's defaults: the group
+    was asked for and must be built. The CLI took 'equal to the defaults' for 'not in the config' and dropped
+    the quickstart's head refit (its epoch 1 then equalled ERM: OOD 5.0)."""
+    from icp_lightning.callbacks.refit import HeadRefitCallback
+    from icp_lightning.callbacks.report import ReliabilityReport
+    from icp_lightning.cli import _cli_class
+    from icp_lightning.data import ICPDataModule
+    from icp_lightning.module import ICPContrastiveModule
+
+    config = yaml.safe_load(Path("configs/repair.yaml").read_text())
+    config["refit"] = {"dataset": "heldout", "l2": 1.0}  # every value at its default
+    config.pop("report")
+    config["trainer"]["logger"] = False
+    path = tmp_path / "refit.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def callbacks(*extra: str) -> list[type]:
+        cli = _cli_class()(
+            ICPContrastiveModule, ICPDataModule, run=False,
+            args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path), *extra],
+        )  # fmt: skip
+        return [type(cb) for cb in cli.trainer.callbacks]
+
+    assert HeadRefitCallback in callbacks()
+    assert ReliabilityReport not in callbacks()  # not in the config: not built
+    assert ReliabilityReport in callbacks("--report.prefix", "val")  # a flag at its default value asks for it
