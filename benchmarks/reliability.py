@@ -1230,8 +1230,9 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                       "better):", *pairs, ""]  # fmt: skip
         single = [m for m in rep["summary"] if _one_class(rep["per_seed"], m, setting)]
         if single:
-            lines += ["Rows that predict one class on every seed (at this size, one epoch of 16-sentence batches from "
-                      "the pretrained weights does not learn the task): " + "; ".join(f"`{m}`" for m in single), ""]  # fmt: skip
+            lines += ["Rows that predict one class on every seed (they learned no sentiment: too few steps from the "
+                      "pretrained weights, or a model that read only the shortcut continued without it): "
+                      + "; ".join(f"`{m}`" for m in single), ""]  # fmt: skip
         modes = [(r["seed"], r.get("removed", {}).get(names[ICP_BEST], {})) for r in rep["per_seed"]]
         if any(m for _, m in modes):
             lines += ["Repair mode chosen on the held-out split, per seed (held-out accuracy continue / restart): "
