@@ -36,13 +36,10 @@ from benchmarks.setting_d_finetune import (
 from icp_lightning.core.counterfactuals import swap_map
 from icp_lightning.core.masks import apply_masks
 from icp_lightning.core.sites import find_sites
+from tests.benchmarks.test_setting_d import FFN, VOCAB, WORDS  # the same word-level vocabulary
 from tests.wordlevel import BOS
-from tests.wordlevel import WORDS as BASE_WORDS
 
 torch.set_num_threads(1)
-WORDS = BASE_WORDS + "poor rich people save money".split()
-VOCAB = {w: i for i, w in enumerate(WORDS)}
-FFN = r".*layers\.\d+\.mlp\.down_proj"
 #: (x, x') pairs: same length, a longer x', a swap at the end (no shared suffix)
 PAIRS = [
     ("he is a doctor .", "she is a doctor ."),
