@@ -674,8 +674,7 @@ class Runner:
         """Attribution (training sample vs held-out) and token discovery, once per seed, from their own seeds."""
         if self._icp is not None:
             return self._icp
-        from icp_lightning import discover_tokens, find_sites
-        from icp_lightning.core.tokens import word_continuation_ids
+        from icp_lightning import find_shortcut_words, find_sites
 
         torch.manual_seed(method_seed(self.seed, "attribution"))
         sites, scores, t_attr = icp_scores(self.erm, self.bench)
@@ -684,13 +683,16 @@ class Runner:
         torch.manual_seed(method_seed(self.seed, "discovery"))
         t0 = time.perf_counter()
         batches = [inputs_of(b) | {"labels": b["labels"]} for b in self.bench.attribution["id"]]
-        found = discover_tokens(self.erm, batches, scores, find_sites(self.erm, granularity="head"),
-                                token_edit(tok), special_token_ids=tok.all_special_ids,
-                                continuation_ids=word_continuation_ids(tok))  # fmt: skip
+        held = [inputs_of(b) | {"labels": b["labels"]} for b in self.bench.attribution["heldout"]]
+        found = find_shortcut_words(
+            self.erm, batches, held, scores, find_sites(self.erm, granularity="head"), tok
+        )
         self.costs["token discovery (inverse over the training sample)"] = time.perf_counter() - t0
         words = [d.token_ids for d in found if d.discovered]
         report = [{"token": " ".join(tok.convert_ids_to_tokens(list(d.token_ids))), "edited": d.edited,
-                   "present": d.present, "total": d.total, "discovered": d.discovered} for d in found[:20]]  # fmt: skip
+                   "present": d.present, "total": d.total, "discovered": d.discovered,
+                   "contrast": d.contrast, "train_drop": d.reference_drop, "heldout_drop": d.balanced_drop,
+                   "heldout_present": d.balanced_present} for d in found[:20]]  # fmt: skip
         print(self.bench.setting, self.seed, "discovered", [r["token"] for r in report if r["discovered"]],
               flush=True)  # fmt: skip
         self._icp = {"sites": sites, "scores": scores, "words": words, "found": report,
@@ -1136,6 +1138,27 @@ def _plots(out: Path, report: dict[str, Any]) -> list[str]:
     return made
 
 
+def update_part(part: dict[str, Any], res: dict[str, Any], only: list[str], note: str) -> dict[str, Any]:
+    """``part`` (a full run of one setting and seed) with the rows of the methods in ``res`` (a run of ERM and
+    ``only``, e.g. after a change to ICP's discovery rule) put in place of its own. Sound because each method
+    draws from its own seeds (``--only X`` reproduces the full run's row of X, tested); checked here: ERM's row
+    must be the same in both, else the runs differ in more than the methods rerun.
+
+    Raises:
+        ValueError: ERM's rows differ, or ``res`` holds a method ``part`` lacks."""
+    if res["results"]["ERM"] != part["results"]["ERM"]:
+        raise ValueError("ERM's row differs between the part and the rerun: they are not the same run")
+    unknown = set(res["results"]) - set(part["results"])
+    if unknown:
+        raise ValueError(f"the rerun has methods the part lacks: {sorted(unknown)}")
+    out = json.loads(json.dumps(part))
+    for key in ("results", "costs", "epochs", "removed"):
+        out[key].update({k: v for k, v in res[key].items() if k != "ERM"})
+    out["discovered"] = res["discovered"]
+    out.setdefault("updates", []).append({"only": list(only), "note": note})
+    return out
+
+
 def _write_part(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically (another process may be combining the parts at the same moment)."""
     tmp = path.with_suffix(".tmp")
@@ -1284,6 +1307,9 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rerun parts that exist")
     parser.add_argument("--only", nargs="+", choices=list(METHODS), default=None,
                         help="ERM and these methods only, into <setting>_seed<n>_only.json (not combined)")  # fmt: skip
+    parser.add_argument("--update", default=None, metavar="NOTE",
+                        help="with --only: rerun ERM and those methods and put their rows into the existing full "
+                        "part (ERM's row must match), recording NOTE (why they were rerun)")  # fmt: skip
     parser.add_argument("--save-models", default=None, metavar="DIR",
                         help="write each method's final model per setting and seed to DIR/<setting>/seed<n>/<method> "
                         "(save_pretrained + tokenizer + manifest.json)")  # fmt: skip
@@ -1296,12 +1322,29 @@ def main() -> None:
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     saved = {
-        k: v for k, v in vars(args).items() if k not in ("force", "combine", "out", "only", "save_models")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("force", "combine", "out", "only", "save_models", "update")
     }
     if not args.combine:
         jobs = [] if args.ablations == "only" else [(s, i) for i in args.seeds for s in args.settings]
         for setting, seed in jobs:  # seed-major: every setting gains seeds as the run goes
-            part = out / "parts" / (f"{setting}_seed{seed}" + ("_only" if args.only else "") + ".json")
+            part = (
+                out
+                / "parts"
+                / (f"{setting}_seed{seed}" + ("_only" if args.only and not args.update else "") + ".json")
+            )
+            if args.update:
+                if not args.only or not part.exists():
+                    raise SystemExit(f"--update needs --only and an existing full part {part}")
+                old = json.loads(part.read_text())
+                differ = {k for k in set(old["args"]) | set(saved)
+                          if k not in ("settings", "seeds", "threads") and old["args"].get(k) != saved.get(k)}  # fmt: skip
+                if differ:
+                    raise SystemExit(f"--update: {part} was run with other arguments: {sorted(differ)}")
+                res = run_seed(setting, seed, args, args.only)
+                _write_part(part, update_part(old, res, args.only, args.update))
+                continue
             if part.exists() and not args.force and json.loads(part.read_text()).get("protocol") == PROTOCOL:
                 print(f"{part} exists; skipping (--force reruns it)")
                 continue

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from icp_lightning.core.selection import select_masks
     from icp_lightning.core.sites import Site, Sites, check_scores_fit, find_sites, sites_for_scores
     from icp_lightning.core.tokens import (
+        confirm_tokens,
         discover_tokens,
+        find_shortcut_words,
         mask_input_tokens,
         remove_input_tokens,
         word_continuation_ids,
@@ -103,7 +105,9 @@ _LAZY: dict[str, str] = {
     "check_scores_fit": "icp_lightning.core.sites",
     "find_sites": "icp_lightning.core.sites",
     "sites_for_scores": "icp_lightning.core.sites",
+    "confirm_tokens": "icp_lightning.core.tokens",
     "discover_tokens": "icp_lightning.core.tokens",
+    "find_shortcut_words": "icp_lightning.core.tokens",
     "mask_input_tokens": "icp_lightning.core.tokens",
     "remove_input_tokens": "icp_lightning.core.tokens",
     "word_continuation_ids": "icp_lightning.core.tokens",
@@ -157,10 +161,12 @@ __all__ = [
     "causal_effects",
     "check_scores_fit",
     "choose_repair",
+    "confirm_tokens",
     "counterfactual_kl",
     "discover_tokens",
     "effective_weight",
     "enforce_masks",
+    "find_shortcut_words",
     "find_sites",
     "get_masks",
     "intervene",

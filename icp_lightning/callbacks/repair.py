@@ -31,13 +31,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from icp_lightning.callbacks._attribution_data import set_names
 from icp_lightning.core.tokens import (
     discover_tokens,
+    find_shortcut_words,
     mask_input_tokens,
     remove_input_tokens,
     word_continuation_ids,
@@ -243,16 +244,32 @@ class TokenRepairCallback(Callback):
         sites = getattr(pl_module, "icp_sites", None)
         if scores is None or sites is None:
             scores, sites = self._scores(trainer, pl_module, model, batches)
-        cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=self.top_k, replace_id=tok.mask_token_id,
-                                     special_token_ids=tok.all_special_ids)  # fmt: skip
+        held = self._heldout_batches(trainer, pl_module)
         was_training = model.training
         model.eval()
-        found = discover_tokens(model, batches, scores, sites, cf, special_token_ids=tok.all_special_ids,
-                                continuation_ids=word_continuation_ids(tok))  # fmt: skip
+        if held is not None:  # the rule the benchmarks use: inverse candidates, kept by the deletion contrast
+            found = find_shortcut_words(model, batches, held, scores, sites, tok, top_k=self.top_k)
+        else:  # no held-out split to contrast with: the inverse's edit counts alone
+            rank_zero_warn(
+                "TokenRepairCallback: the data module has no held-out split (heldout_dataloader()), so discovered "
+                "words are not checked by their deletion contrast; pass heldout_size to ICPDataModule"
+            )
+            cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=self.top_k, replace_id=tok.mask_token_id,
+                                         special_token_ids=tok.all_special_ids)  # fmt: skip
+            found = discover_tokens(model, batches, scores, sites, cf, special_token_ids=tok.all_special_ids,
+                                    continuation_ids=word_continuation_ids(tok))  # fmt: skip
         model.train(was_training)
         words = [d.token_ids for d in found if d.discovered]
         rank_zero_info(f"TokenRepairCallback: discovered {[tok.decode(list(w)) for w in words]}")
         return words
+
+    def _heldout_batches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> list[dict[str, Any]] | None:
+        heldout = getattr(_datamodule(trainer), "heldout_dataloader", None)
+        if not callable(heldout) or not getattr(_datamodule(trainer), "heldout_size", 1):
+            return None
+        return _first(heldout(), self.discovery_batches, pl_module.device)
 
     def _scores(
         self,

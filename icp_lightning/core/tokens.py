@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,9 @@ from icp_lightning.core.sites import Sites
 __all__ = [
     "DiscoveredToken",
     "TokenMaskHandle",
+    "confirm_tokens",
     "discover_tokens",
+    "find_shortcut_words",
     "mask_input_tokens",
     "remove_input_tokens",
     "word_continuation_ids",
@@ -61,6 +63,14 @@ class DiscoveredToken:
     total: int
     discovered: bool
     token_ids: tuple[int, ...] = ()
+    #: Filled by :func:`confirm_tokens`: sentences holding the word in the reference (training) and balanced
+    #: (held-out) sets, the mean drop of the label's probability when it is deleted from each, and their
+    #: difference (``None``: not measured).
+    reference_present: int = 0
+    balanced_present: int = 0
+    reference_drop: float | None = None
+    balanced_drop: float | None = None
+    contrast: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -182,6 +192,132 @@ def discover_tokens(
         for w, c in edited.items()
     ]
     return sorted(found, key=lambda d: (-d.edited, d.token_ids))
+
+
+def _deletion_drops(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], words: Sequence[tuple[int, ...]], pad_id: int
+) -> dict[tuple[int, ...], list[float]]:
+    """Per word: ``p(y | x) - p(y | x without the word)`` for every sentence of ``batches`` that holds it."""
+    drops: dict[tuple[int, ...], list[float]] = {w: [] for w in words}
+    for batch in batches:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        y = batch["labels"].long().unsqueeze(-1)
+        p = model(**inputs).logits.float().softmax(-1).gather(-1, y).squeeze(-1)
+        for w in words:
+            singles, multi = _split_words([w])
+            rows = (_hits(ids, singles, multi) & real).any(1)
+            if not rows.any():
+                continue
+            out = remove_input_tokens(ids[rows], [w], pad_id, None if mask is None else mask[rows],
+                                      batch["token_type_ids"][rows] if "token_type_ids" in batch else None)  # fmt: skip
+            q = model(**out).logits.float().softmax(-1).gather(-1, y[rows]).squeeze(-1)
+            drops[w].extend((p[rows] - q).tolist())
+    return drops
+
+
+@torch.no_grad()
+def confirm_tokens(
+    model: nn.Module,
+    found: Sequence[DiscoveredToken],
+    reference: Iterable[Mapping[str, Any]],
+    balanced: Iterable[Mapping[str, Any]],
+    *,
+    pad_id: int = 0,
+    min_contrast: float = 0.1,
+    min_present: int = 2,
+) -> list[DiscoveredToken]:
+    """Keep the candidates (``discovered`` by :func:`discover_tokens`) whose deletion contrast marks a shortcut.
+
+    The signed contrast of the attribution, at the level of words: for each candidate, the mean drop of the true
+    label's probability when the word is deleted (every piece of every occurrence, as
+    :func:`remove_input_tokens` does), over the sentences of ``reference`` (training data, where the shortcut
+    goes with the label) that hold it, minus the same over those of ``balanced`` (a held-out split whose groups
+    are balanced, where it does not). A shortcut supports the label only where it is correlated with it (large
+    contrast); a word that carries the task supports it in both (contrast near 0); a word the model ignores
+    moves nothing. Counting edits alone misses a shortcut the inverse edits in few sentences (the inverse
+    stops when the top features barely fire), and accepts a frequent task word it happens to edit.
+
+    Args:
+        model: the model (evaluation mode is the caller's; run under ``torch.no_grad``).
+        found: :func:`discover_tokens`' result; only its ``discovered`` entries are candidates.
+        reference, balanced: batches with ``input_ids``, ``labels`` (``attention_mask``, ``token_type_ids``).
+        pad_id: written at the freed end of a row when a word is deleted.
+        min_contrast: a candidate is kept when its contrast is at least this (in probability).
+        min_present: ... and both sets hold it in at least this many sentences (else it cannot be measured).
+
+    Returns:
+        ``found`` in its order, each a copy with the measurements filled in for the candidates and
+        ``discovered`` set by this rule (non-candidates stay undiscovered, unmeasured).
+
+    Raises:
+        ValueError: ``min_present < 1``.
+    """
+    if min_present < 1:
+        raise ValueError(f"min_present must be >= 1, got {min_present}")
+    words = [d.token_ids for d in found if d.discovered]
+    ref = _deletion_drops(model, reference, words, pad_id)
+    bal = _deletion_drops(model, balanced, words, pad_id)
+    out: list[DiscoveredToken] = []
+    for d in found:
+        d = replace(d)
+        if d.discovered:
+            r, b = ref[d.token_ids], bal[d.token_ids]
+            d.reference_present, d.balanced_present = len(r), len(b)
+            d.reference_drop = float(np.mean(r)) if r else None
+            d.balanced_drop = float(np.mean(b)) if b else None
+            ok = len(r) >= min_present and len(b) >= min_present
+            d.contrast = d.reference_drop - d.balanced_drop if ok else None  # type: ignore[operator]
+            d.discovered = ok and d.contrast is not None and d.contrast >= min_contrast
+        out.append(d)
+    return out
+
+
+def find_shortcut_words(
+    model: nn.Module,
+    reference: Sequence[Mapping[str, Any]],
+    balanced: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, torch.Tensor],
+    sites: Sites,
+    tokenizer: Any,
+    *,
+    top_k: int = 8,
+    min_share: float = 0.05,
+    min_contrast: float = 0.1,
+    min_present: int = 2,
+) -> list[DiscoveredToken]:
+    """The shortcut words of ``model``, told nothing: the one rule the repair callback and the benchmarks use.
+
+    1. The discrete inverse (:class:`~icp_lightning.core.counterfactuals.TokenEditCounterfactual`: one ``[MASK]``
+       edit per sentence, two candidates checked exactly) of masking the ``top_k`` top-scored features, over the
+       ``reference`` (training) batches, names whole words; those edited in at least ``min_share`` of the
+       sentences are candidates (:func:`discover_tokens` with ``min_rate=0``).
+    2. :func:`confirm_tokens` keeps the candidates whose deletion lowers the label's probability on
+       ``reference`` more than on ``balanced`` (the held-out split) by ``min_contrast``.
+
+    Both lists of batches need ``input_ids``, ``attention_mask`` and ``labels``; no evaluation set belongs here.
+    The model is put in evaluation mode for the search and restored.
+
+    Returns:
+        :func:`confirm_tokens`' result: every edited word, most edited first, ``discovered`` by the rule.
+    """
+    from icp_lightning.core.counterfactuals import TokenEditCounterfactual
+
+    edit = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tokenizer.mask_token_id,
+                                   special_token_ids=tokenizer.all_special_ids)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        found = discover_tokens(model, reference, scores, sites, edit, min_share=min_share, min_rate=0.0,
+                                special_token_ids=tokenizer.all_special_ids,
+                                continuation_ids=word_continuation_ids(tokenizer))  # fmt: skip
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return confirm_tokens(model, found, reference, balanced, pad_id=int(pad), min_contrast=min_contrast,
+                              min_present=min_present)  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 class TokenMaskHandle:

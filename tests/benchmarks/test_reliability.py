@@ -237,6 +237,18 @@ def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> No
         alone = rel.run_seed("A", 0, _args(), only=[key], bench=_tiny_bench(), load=_tiny_model)
         assert set(alone["results"]) == {"ERM", names[key]}
         assert alone["results"][names[key]] == full["results"][names[key]]  # exactly, every metric
+    # --update: a rerun of some methods replaces their rows in the full part, nothing else
+    part = {"setting": "A", "seed": 0, "results": full["results"], "costs": full["costs"], "epochs": full["epochs"],
+            "removed": full["removed"], "discovered": full["discovered"]}  # fmt: skip
+    rerun = {**alone, "results": {**alone["results"], names["random"]: {"ood/acc": -1.0}}}
+    merged = rel.update_part(part, rerun, ["random"], "why")
+    assert merged["results"][names["random"]] == {"ood/acc": -1.0}
+    assert {k: v for k, v in merged["results"].items() if k != names["random"]} == {
+        k: v for k, v in full["results"].items() if k != names["random"]
+    }
+    assert merged["updates"] == [{"only": ["random"], "note": "why"}] and "updates" not in part
+    with pytest.raises(ValueError, match="ERM's row differs"):
+        rel.update_part(part, {**rerun, "results": {"ERM": {"ood/acc": 0.0}}}, ["random"], "why")
     # the repair row is one of its two modes, chosen on the held-out split
     chosen = full["removed"][names["repair"]]
     assert full["results"][names["repair"]] == full["results"][names[f"repair_{chosen['mode']}"]]

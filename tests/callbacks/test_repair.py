@@ -174,3 +174,23 @@ def test_choose_repair_and_argument_checks() -> None:
         TokenRepairCallback(mode="restart", start_epoch=0)
     with pytest.raises(ValueError, match="empty word"):
         TokenRepairCallback(token_ids=[[]])
+
+
+def test_discovery_uses_the_shared_rule_with_the_heldout_split(monkeypatch: Any) -> None:
+    """The callback decides with find_shortcut_words (the benchmarks' rule), training vs held-out batches."""
+    from icp_lightning.callbacks import repair
+    from icp_lightning.core.tokens import DiscoveredToken
+
+    seen: dict[str, Any] = {}
+
+    def rule(model: Any, reference: Any, balanced: Any, scores: Any, sites: Any, tok: Any, **kw: Any) -> Any:
+        seen.update(reference=reference, balanced=balanced, kw=kw)
+        return [DiscoveredToken(WORD[0], 3, 3, 8, True, WORD), DiscoveredToken(9, 1, 8, 8, False)]
+
+    monkeypatch.setattr(repair, "find_shortcut_words", rule)
+    cb = TokenRepairCallback(start_epoch=1, mode="continue", discovery_batches=2, top_k=3)
+    _trainer(cb).fit(Module(), datamodule=Data())
+    assert cb.token_ids == [WORD]
+    held = Data().heldout_dataloader()
+    assert [b["input_ids"].tolist() for b in seen["balanced"]] == [b["input_ids"].tolist() for b in held]
+    assert len(seen["reference"]) == 2 and seen["kw"] == {"top_k": 3}

@@ -168,3 +168,83 @@ def test_discovery_and_deletion_act_on_whole_words() -> None:
         torch.testing.assert_close(got[row : row + 1], model(input_ids=want_ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="empty word"):
         mask_input_tokens(model, [[]], mode="delete")
+
+
+class _CountModel(torch.nn.Module):
+    """logit(1) = sum of per-token weights over real tokens: 7 is a shortcut, 5 says positive, 6 negative."""
+
+    weights = {7: 3.0, 5: 2.0, 6: -2.0}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        w = torch.zeros(32)
+        for t, v in self.weights.items():
+            w[t] = v
+        real = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        pos = (w[input_ids] * real).sum(1)
+
+        class _Out:
+            logits = torch.stack([torch.zeros_like(pos), pos], -1)
+
+        return _Out()
+
+
+def _rows(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    t = max(len(r) for r, _ in rows)
+    ids = torch.tensor([r + [0] * (t - len(r)) for r, _ in rows])
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "labels": torch.tensor([y for _, y in rows]),
+    }
+
+
+def _naive_drop(
+    model: torch.nn.Module, rows: list[tuple[list[int], int]], word: tuple[int, ...]
+) -> tuple[int, float]:
+    """Mean p(y | x) - p(y | x without every occurrence of ``word``) over the rows holding it, one row at a time."""
+    drops = []
+    for r, y in rows:
+        if len(word) == 1 and word[0] not in r:
+            continue
+        kept = [t for t in r if t not in word]
+        p = model(input_ids=torch.tensor([r])).logits.softmax(-1)[0, y]
+        q = model(input_ids=torch.tensor([kept])).logits.softmax(-1)[0, y]
+        drops.append(float(p - q))
+    return len(drops), sum(drops) / max(len(drops), 1)
+
+
+def test_confirm_tokens_contrasts_the_deletion_effect_like_a_naive_loop() -> None:
+    from icp_lightning.core.tokens import DiscoveredToken, confirm_tokens
+
+    model = _CountModel()
+    # training sentences: 7 only with label 1; held-out (balanced): 7 with either label. 5 goes with 1 in both.
+    train = [([2, 7, 5, 3], 1), ([2, 7, 9, 3], 1), ([2, 6, 9, 3], 0), ([2, 8, 6, 3], 0), ([2, 5, 8, 3], 1)]
+    held = [([2, 7, 5, 3], 1), ([2, 7, 6, 3], 0), ([2, 7, 6, 8, 3], 0), ([2, 5, 9, 3], 1), ([2, 9, 3], 0)]
+    found = [
+        DiscoveredToken(7, 2, 2, 5, True),
+        DiscoveredToken(5, 2, 2, 5, True),
+        DiscoveredToken(9, 1, 2, 5, False),
+    ]
+    out = confirm_tokens(
+        model, found, [_rows(train)], [_rows(held)], pad_id=0, min_contrast=0.1, min_present=2
+    )
+    by = {d.token_id: d for d in out}
+    for t in (7, 5):
+        n_ref, ref = _naive_drop(model, train, (t,))
+        n_bal, bal = _naive_drop(model, held, (t,))
+        d = by[t]
+        assert (d.reference_present, d.balanced_present) == (n_ref, n_bal)
+        assert d.reference_drop == pytest.approx(ref, abs=1e-6)
+        assert d.balanced_drop == pytest.approx(bal, abs=1e-6)
+        assert d.contrast == pytest.approx(ref - bal, abs=1e-6)
+    assert (
+        by[7].contrast > 0.1 and by[7].discovered
+    )  # the shortcut: helps the label only where it goes with it
+    assert not by[5].discovered  # the task word helps on both: contrast below the bar
+    assert not by[9].discovered and by[9].contrast is None  # not a candidate: not measured
+    # a candidate the balanced set holds fewer than min_present times cannot be confirmed
+    few = confirm_tokens(model, [DiscoveredToken(7, 2, 2, 5, True)], [_rows(train)], [_rows(held[:1])], pad_id=0,
+                         min_present=2)  # fmt: skip
+    assert not few[0].discovered and few[0].balanced_present == 1
+    with pytest.raises(ValueError, match="min_present"):
+        confirm_tokens(model, found, [_rows(train)], [_rows(held)], pad_id=0, min_present=0)
