@@ -138,13 +138,21 @@ def _checkpoint(path: str) -> dict[str, Any]:
 def _load_model(model: str, num_labels: int) -> torch.nn.Module:
     """The Hugging Face model of ``model``: a ``.ckpt`` of any ``icp fit`` (pruned or not: pruning lives in the
     weights), a local Hugging Face folder, an offline alias (``minilm``: no network) or a hub name."""
+    import transformers
+
     if model.endswith(".ckpt"):
         from icp_lightning.module import ICPContrastiveModule
 
-        module = ICPContrastiveModule.load_from_checkpoint(model, map_location="cpu")
+        # The module is built from its pretrained folder, whose new head transformers reports as MISSING, and the
+        # checkpoint's weights then replace every tensor: that report is about a model nobody gets to see.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            module = ICPContrastiveModule.load_from_checkpoint(model, map_location="cpu")
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         module.eval()
         return module.hf_model  # type: ignore[no-any-return]
-    import transformers
 
     from icp_lightning.assets import resolve_pretrained
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,36 @@ def test_a_callback_group_given_with_its_default_values_is_still_built(tmp_path)
     assert HeadRefitCallback in callbacks()
     assert ReliabilityReport not in callbacks()  # not in the config: not built
     assert ReliabilityReport in callbacks("--report.prefix", "val")  # a flag at its default value asks for it
+
+
+def test_loading_a_checkpoint_prints_no_newly_initialized_report(tmp_path):
+    """A .ckpt's module is built from its pretrained folder (whose classifier is new) and then the checkpoint's
+    weights overwrite it: transformers' "LOAD REPORT ... MISSING" about the first step must not reach the user."""
+    import transformers
+
+    from icp_lightning.cli import _load_model
+    from icp_lightning.module import ICPContrastiveModule
+    from tests.test_module import bert_config, loader, make_batch, trainer
+
+    transformers.BertModel(bert_config()).save_pretrained(tmp_path / "base")  # no classifier: MISSING on load
+    module = ICPContrastiveModule(str(tmp_path / "base"), kl_weight=0.0, lr=1e-2)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(module, loader([make_batch(60)]))
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # a user's default (the test session silences transformers)
+    try:
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base")
+        assert any("LOAD REPORT" in r.getMessage() for r in records)  # the check can see the report
+        records.clear()
+        model = _load_model(str(tmp_path / "m.ckpt"), 2)
+        assert transformers.logging.get_verbosity() == transformers.logging.WARNING  # restored after the load
+    finally:
+        transformers.logging.set_verbosity(before)
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "LOAD REPORT" in r.getMessage()]
+    torch.testing.assert_close(model.classifier.weight, module.hf_model.classifier.weight)
