@@ -1184,6 +1184,22 @@ def _totals(run: dict[str, Any], names: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def _updates_note(report: dict[str, Any]) -> list[str]:
+    """A line per setting whose parts had methods rerun into them with ``--update``."""
+    out = []
+    for setting, rep in report["settings"].items():
+        if not isinstance(rep, dict) or "per_seed" not in rep:
+            continue
+        ups = [(r["seed"], u) for r in rep["per_seed"] for u in r.get("updates", [])]
+        if ups:
+            methods = sorted({m for _, u in ups for m in u["only"]})
+            out += [f"**Rows rerun in {setting}** with `--update` (seeds {sorted({sd for sd, _ in ups})}): "
+                    f"{', '.join(f'`{m}`' for m in methods)} and the rows they feed, because: {ups[-1][1]['note']}. "
+                    "ERM's row of each rerun matched the full run's exactly; every other row is the full run's "
+                    "(each method draws from its own seeds).", ""]  # fmt: skip
+    return out
+
+
 def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     parts = out / "parts"
     report: dict[str, Any] = {"settings": {}, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -1221,9 +1237,14 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
              "kept, marked leaky, in `benchmarks/results/leaky_protocol1/`). Each method trains from its own seeds. "
              "Every method may add the same number of epochs to ERM; the table lists what each used and its total "
              "training seconds (ERM's included where it starts from ERM; attribution and discovery included for ICP "
-             "rows). The experiment is smaller than protocol 1's (see the sizes per setting), sized for 5 seeds of A, B "
-             "and C in about 50 single-core minutes; on the shared machine (2 cores, load average 10-12 from other "
-             "jobs) only the seeds listed per setting finished before the deadline.", "",
+             "rows). The sizes per setting are given under each heading (`--train`, `--erm-epochs`, `--budget`).", "",
+             "**Token discovery (rule 2).** The inverse nominates the words it edits in at least 5% of the training "
+             "sample's sentences; a candidate is kept when deleting it lowers the true label's probability on the "
+             "training sentences that hold it by at least 0.1 more than on the held-out sentences that hold it "
+             "(`find_shortcut_words`; both sets must hold it at least twice). The earlier rule (edited in at least half "
+             "of the sentences that hold it) rejected `zeppelin` on A's seeds 3 and 4, where the inverse edited it in "
+             "only 33 and 14 of the 78 sentences holding it, although deleting it changes every prediction.", "",
+             *_updates_note(report),
              f"The targets are checked for `{METHODS[ICP_BEST]}` (fixed before the rerun: ICP told nothing; the "
              "repair mode, continue or restart, is chosen by held-out accuracy only).", ""]  # fmt: skip
     for setting in "ABC":
@@ -1261,11 +1282,12 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             lines += ["Repair mode chosen on the held-out split, per seed (held-out accuracy continue / restart): "
                       + "; ".join(f"seed {sd}: {m.get('mode')} ({100 * m['heldout_acc']['continue']:.1f} / "
                                   f"{100 * m['heldout_acc']['restart']:.1f})" for sd, m in modes if m), ""]  # fmt: skip
-        found = [(r["seed"], [d["token"] for d in r.get("discovered", []) if d["discovered"]])
+        found = [(r["seed"], [f"`{d['token']}`" + (f" ({d['contrast']:.2f})" if d.get("contrast") is not None else "")
+                              for d in r.get("discovered", []) if d["discovered"]])
                  for r in rep["per_seed"]]  # fmt: skip
-        lines += ["Words the inverse discovered over the training sample (told nothing), per seed: "
-                  + "; ".join(f"seed {sd}: {', '.join(f'`{t}`' for t in toks) or 'none'}" for sd, toks in found),
-                  ""]  # fmt: skip
+        lines += ["Words discovered over the training sample (told nothing), per seed, with their deletion contrast "
+                  "where measured: "
+                  + "; ".join(f"seed {sd}: {', '.join(toks) or 'none'}" for sd, toks in found), ""]  # fmt: skip
         attr = {
             n: statistics.mean(v) for n, v in rep["costs"].items() if n.startswith(("attribution", "token"))
         }
