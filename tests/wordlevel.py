@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -23,3 +25,17 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", unk_token="<unk>", pad_token="<pad>"
     )
+
+
+def tiny_llama(words: list[str]) -> Any:
+    """A seeded 2-layer random Llama over ``words`` (GQA: 4 query, 2 key/value heads), in evaluation mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=24, pad_token_id=0, bos_token_id=BOS, eos_token_id=2,
+        initializer_range=0.3,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()

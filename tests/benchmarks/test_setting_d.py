@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from benchmarks.setting_d import (
     aligned,
@@ -34,7 +34,7 @@ from benchmarks.setting_d import (
 )
 from icp_lightning.core.sites import find_sites
 from icp_lightning.metrics.lm import perplexity, sentence_logprobs, stereotype_score, yes_no_accuracy
-from tests.wordlevel import BOS, word_tokenizer
+from tests.wordlevel import BOS, tiny_llama, word_tokenizer
 from tests.wordlevel import WORDS as BASE_WORDS
 
 torch.set_num_threads(1)
@@ -53,13 +53,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=24, pad_token_id=0, bos_token_id=BOS, eos_token_id=2,
-        initializer_range=0.3,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(WORDS)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

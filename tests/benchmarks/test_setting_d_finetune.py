@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from benchmarks.setting_d import prune_values, rank
 from benchmarks.setting_d_finetune import (
@@ -37,7 +37,7 @@ from icp_lightning.core.counterfactuals import swap_map
 from icp_lightning.core.masks import apply_masks
 from icp_lightning.core.sites import find_sites
 from tests.benchmarks.test_setting_d import FFN, VOCAB, WORDS  # the same word-level vocabulary
-from tests.wordlevel import BOS
+from tests.wordlevel import BOS, tiny_llama
 
 torch.set_num_threads(1)
 #: (x, x') pairs: same length, a longer x', a swap at the end (no shared suffix)
@@ -54,13 +54,7 @@ def _ids(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=24, pad_token_id=0, bos_token_id=BOS, eos_token_id=2,
-        initializer_range=0.3,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(WORDS)  # type: ignore[no-any-return]
 
 
 def _logp(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
