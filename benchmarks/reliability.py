@@ -1184,6 +1184,10 @@ def _totals(run: dict[str, Any], names: dict[str, str]) -> dict[str, float]:
     return out
 
 
+#: Arguments that say which jobs a process ran, not how: parts that differ only in these combine.
+RUN_ONLY_ARGS = ("settings", "seeds", "threads", "quick", "ablations")
+
+
 def _updates_note(report: dict[str, Any]) -> list[str]:
     """A line per setting whose parts had methods rerun into them with ``--update``."""
     out = []
@@ -1209,6 +1213,13 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         runs = [r for r in runs if r.get("protocol") == PROTOCOL and not r.get("only")]
         if not runs:
             continue
+        sizes = {json.dumps({k: v for k, v in r["args"].items() if k not in RUN_ONLY_ARGS}, sort_keys=True)
+                 for r in runs}  # fmt: skip
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the {setting} parts were run with different arguments ({sorted(sizes)}): rerun them alike "
+                "(--force) or move the odd ones out of the parts folder"
+            )
         seeds = [r["seed"] for r in runs]
         summary = summarise([r["results"] for r in runs])
         costs: dict[str, list[float]] = {}

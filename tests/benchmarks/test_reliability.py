@@ -266,6 +266,11 @@ def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> No
     (out / "parts" / "C_seed0.json").write_text(json.dumps({"setting": "C", "seed": 0, "protocol": 1}))  # old
     report = rel.combine(out, argparse.Namespace(prune_k=2))
     assert list(report["settings"]) == ["A"] and report["settings"]["A"]["seeds"] == [0, 1]
+    odd = {"setting": "A", "seed": 2, "args": saved | {"train": 96}, "only": None, "seconds": 1.0, **full}
+    (out / "parts" / "A_seed2.json").write_text(json.dumps(odd))
+    with pytest.raises(ValueError, match="different arguments"):
+        rel.combine(out, argparse.Namespace(prune_k=2))
+    (out / "parts" / "A_seed2.json").unlink()
     md = (out / "reliability.md").read_text()
     assert f"Targets for `{names['repair']}`" in md and "| extra epochs |" in md
     assert f"- vs {names['dfr']}: +" in md or f"- vs {names['dfr']}: -" in md
