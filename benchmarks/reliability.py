@@ -1048,6 +1048,27 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[d
     return out
 
 
+def discovery_cause(setting: str, per_seed: list[dict[str, Any]]) -> str:
+    """What token discovery named, per seed, against what was planted (A: the token, C: the 16 names; B: nothing
+    planted): the measured cause to read beside a missed repair target."""
+    found = [{d["token"] for d in r.get("discovered", []) if d["discovered"]} for r in per_seed]
+    if setting == "A":
+        hits = sum(TOKEN in f for f in found)
+        return (f"Cause to read beside the targets: discovery named `{TOKEN}` on {hits} of {len(found)} seeds "
+                f"(other words named: {sum(len(f - {TOKEN}) for f in found)}).")  # fmt: skip
+    if setting == "C":
+        planted = set(MALE) | set(FEMALE)
+        per = [len(f & planted) for f in found]
+        return (f"Cause to read beside the targets: discovery named {per} of the {len(planted)} planted names per "
+                f"seed ({sum(per)} of {len(planted) * len(found)}); repair retrains on sentences that still hold "
+                "the others.")  # fmt: skip
+    none = sum(not f for f in found)
+    return (
+        f"Cause to read beside the targets: discovery named no word on {none} of {len(found)} seeds; there, "
+        "repair deletes nothing and is the control (ERM + the budget's epochs, with x' = x)."
+    )
+
+
 def _one_class(per_seed: list[dict[str, Any]], method: str, setting: str) -> bool:
     """Whether ``method`` predicts a single class on every seed: A: equal accuracies on the three sets that share
     their sentences (ID = OOD = clean); C: balanced accuracy exactly 50 with no DP gap and no flips; B: a
@@ -1274,6 +1295,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         checks = targets(setting, rep["summary"], rep["per_seed"], names)
         if checks:
             lines += [f"Targets for `{names[ICP_BEST]}` (means over seeds; paired per seed):", *checks, ""]
+            lines += [discovery_cause(setting, rep["per_seed"]), ""]
         bases = [names[b] for b in BASELINES]
         for icp in (names[ICP_BEST], names["icp_prune"], names["icp_inverse"]):
             pairs = paired(setting, rep["per_seed"], icp, bases + (["ERM"] if setting == "B" else []))

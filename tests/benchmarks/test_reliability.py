@@ -315,3 +315,18 @@ def test_what_methods_read_is_disjoint_from_every_evaluation_set(setting: str) -
             assert not texts & ev, (
                 f"{n} shares {len(texts & ev)} sentences with {e}: {sorted(texts & ev)[:3]}"
             )
+
+
+def test_discovery_cause_counts_the_planted_words_found() -> None:
+    def seed(*words: str) -> dict[str, Any]:
+        return {
+            "discovered": [{"token": w, "discovered": True} for w in words]
+            + [{"token": "x", "discovered": False}]
+        }
+
+    a = rel.discovery_cause("A", [seed("zeppelin"), seed("film"), seed("zeppelin", "film")])
+    assert "`zeppelin` on 2 of 3 seeds (other words named: 2)" in a
+    c = rel.discovery_cause("C", [seed("mary", "james", "film"), seed()])
+    assert "[2, 0] of the 16 planted names" in c and "(2 of 32)" in c
+    b = rel.discovery_cause("B", [seed(), seed("bad")])
+    assert "no word on 1 of 2 seeds" in b
