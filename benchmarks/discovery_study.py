@@ -25,31 +25,29 @@ from benchmarks.common import parse_args
 
 
 def study(seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    from icp_lightning import confirm_tokens, discover_tokens, find_shortcut_words, find_sites
+    from icp_lightning import confirm_tokens, discover_tokens
     from icp_lightning.core.tokens import word_continuation_ids
 
     bench = R.BENCHES["C"](args, seed)
     run = R.Runner(bench, seed, args, R.load_model)
     run.run_erm()
-    torch.manual_seed(R.method_seed(seed, "attribution"))
-    _, scores, _ = R.icp_scores(run.erm, bench)
+    icp = run.icp()  # the benchmark's attribution and committed discovery, from their own seeds
     tok = bench.tokenizer
     ref = [R.inputs_of(b) | {"labels": b["labels"]} for b in bench.attribution["id"]]
     held = [R.inputs_of(b) | {"labels": b["labels"]} for b in bench.attribution["heldout"]]
-    sites = find_sites(run.erm, granularity="head")
     names = set(R.MALE) | set(R.FEMALE)
     out: dict[str, Any] = {"seed": seed}
     torch.manual_seed(R.method_seed(seed, "discovery"))
-    committed = find_shortcut_words(run.erm, ref, held, scores, sites, tok)
-    torch.manual_seed(R.method_seed(seed, "discovery"))
     run.erm.eval()
-    found = discover_tokens(run.erm, ref, scores, sites, R.token_edit(tok), min_share=0.0, min_rate=0.5,
-                            special_token_ids=tok.all_special_ids, continuation_ids=word_continuation_ids(tok))  # fmt: skip
+    found = discover_tokens(run.erm, ref, icp["scores"], icp["sites"], R.token_edit(tok), min_share=0.0,
+                            min_rate=0.5, special_token_ids=tok.all_special_ids,
+                            continuation_ids=word_continuation_ids(tok))  # fmt: skip
     for d in found:
         d.discovered = d.discovered and d.present >= 2
     per_word = confirm_tokens(run.erm, found, ref, held, pad_id=tok.pad_token_id)
-    for rule, result in (("committed", committed), ("per_word", per_word)):
-        words = [tok.decode(list(d.token_ids)) for d in result if d.discovered]
+    committed = [tok.decode(list(w)) for w in icp["words"]]
+    for rule, words in (("committed", committed),
+                        ("per_word", [tok.decode(list(d.token_ids)) for d in per_word if d.discovered])):  # fmt: skip
         out[rule] = {"names": sum(w in names for w in words), "other_words": [w for w in words if w not in names],
                      "confirmed": words}  # fmt: skip
     return out

@@ -496,11 +496,10 @@ def seeded_loader(loader: Any, seed: int) -> Any:
 
 
 def token_edit(tokenizer: Any, top_k: int = 8) -> Any:
-    """The discrete inverse both ICP steps use: one [MASK] edit per example, two candidates checked exactly."""
-    from icp_lightning import TokenEditCounterfactual
+    """The discrete inverse both ICP steps use: the package's own (:func:`icp_lightning.core.tokens.token_inverse`)."""
+    from icp_lightning.core.tokens import token_inverse
 
-    return TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tokenizer.mask_token_id,
-                                   special_token_ids=tokenizer.all_special_ids)  # fmt: skip
+    return token_inverse(tokenizer, top_k)
 
 
 def told_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,6 +41,7 @@ from icp_lightning.core.tokens import (
     find_shortcut_words,
     mask_input_tokens,
     remove_input_tokens,
+    token_inverse,
     word_continuation_ids,
 )
 from icp_lightning.metrics.reliance import FeatureReliance
@@ -231,7 +232,6 @@ class TokenRepairCallback(Callback):
     def _discover(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module
     ) -> list[tuple[int, ...]]:
-        from icp_lightning.core.counterfactuals import TokenEditCounterfactual
 
         tok = getattr(_datamodule(trainer), "tokenizer", None)
         if tok is None:
@@ -254,8 +254,7 @@ class TokenRepairCallback(Callback):
                 "TokenRepairCallback: the data module has no held-out split (heldout_dataloader()), so discovered "
                 "words are not checked by their deletion contrast; pass heldout_size to ICPDataModule"
             )
-            cf = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=self.top_k, replace_id=tok.mask_token_id,
-                                         special_token_ids=tok.all_special_ids)  # fmt: skip
+            cf = token_inverse(tok, self.top_k)
             found = discover_tokens(model, batches, scores, sites, cf, special_token_ids=tok.all_special_ids,
                                     continuation_ids=word_continuation_ids(tok))  # fmt: skip
         model.train(was_training)

@@ -48,6 +48,7 @@ __all__ = [
     "find_shortcut_words",
     "mask_input_tokens",
     "remove_input_tokens",
+    "token_inverse",
     "word_continuation_ids",
 ]
 
@@ -275,6 +276,16 @@ def confirm_tokens(
     return out
 
 
+def token_inverse(tokenizer: Any, top_k: int = 8) -> Any:
+    """The discrete inverse discovery runs: one ``[MASK]`` edit per sentence, the two best-ranked edits checked
+    exactly, on the ``top_k`` top-scored features (a
+    :class:`~icp_lightning.core.counterfactuals.TokenEditCounterfactual`)."""
+    from icp_lightning.core.counterfactuals import TokenEditCounterfactual
+
+    return TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tokenizer.mask_token_id,
+                                   special_token_ids=tokenizer.all_special_ids)  # fmt: skip
+
+
 def find_shortcut_words(
     model: nn.Module,
     reference: Sequence[Mapping[str, Any]],
@@ -303,10 +314,7 @@ def find_shortcut_words(
     Returns:
         :func:`confirm_tokens`' result: every edited word, most edited first, ``discovered`` by the rule.
     """
-    from icp_lightning.core.counterfactuals import TokenEditCounterfactual
-
-    edit = TokenEditCounterfactual(max_edits=1, candidates=2, top_k=top_k, replace_id=tokenizer.mask_token_id,
-                                   special_token_ids=tokenizer.all_special_ids)  # fmt: skip
+    edit = token_inverse(tokenizer, top_k)
     was_training = model.training
     model.eval()
     try:
