@@ -232,7 +232,6 @@ class TokenRepairCallback(Callback):
     def _discover(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module
     ) -> list[tuple[int, ...]]:
-
         tok = getattr(_datamodule(trainer), "tokenizer", None)
         if tok is None:
             raise ValueError(
@@ -242,9 +241,9 @@ class TokenRepairCallback(Callback):
         batches = _first(trainer.train_dataloader, self.discovery_batches, pl_module.device)
         scores = getattr(pl_module, "icp_scores", None)
         sites = getattr(pl_module, "icp_sites", None)
-        if scores is None or sites is None:
-            scores, sites = self._scores(trainer, pl_module, model, batches)
         held = self._heldout_batches(trainer, pl_module)
+        if scores is None or sites is None:
+            scores, sites = self._scores(model, batches, held)
         was_training = model.training
         model.eval()
         if held is not None:  # the rule the benchmarks use: inverse candidates, kept by the deletion contrast
@@ -271,11 +270,7 @@ class TokenRepairCallback(Callback):
         return _first(heldout(), self.discovery_batches, pl_module.device)
 
     def _scores(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        model: nn.Module,
-        train: list[dict[str, Any]],
+        self, model: nn.Module, train: list[dict[str, Any]], held: list[dict[str, Any]] | None
     ) -> tuple[Any, Any]:
         """Signed spuriousness of the attention heads: training batches (``id``) against the data module's
         held-out split (gradient mask effects on the label log-probability), as the benchmark scores them."""
@@ -283,15 +278,13 @@ class TokenRepairCallback(Callback):
         from icp_lightning.core.scores import spuriousness
         from icp_lightning.core.sites import find_sites
 
-        heldout = getattr(_datamodule(trainer), "heldout_dataloader", None)
-        if not callable(heldout):
+        if held is None:
             raise ValueError(
                 "TokenRepairCallback(token_ids=None) without a CausalAttributionCallback scores the heads itself, "
                 "contrasting training batches with the data module's held-out split: give the data module a "
                 "heldout_dataloader() (ICPDataModule(heldout_size=...)), run an attribution callback before "
                 "start_epoch, or pass token_ids"
             )
-        held = _first(heldout(), self.discovery_batches, pl_module.device)
         sites = find_sites(model, granularity="head")
         was_training = model.training
         model.eval()
