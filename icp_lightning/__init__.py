@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         discover_tokens,
         find_shortcut_words,
         mask_input_tokens,
+        nominate,
         remove_input_tokens,
         word_continuation_ids,
     )
@@ -109,6 +110,7 @@ _LAZY: dict[str, str] = {
     "discover_tokens": "icp_lightning.core.tokens",
     "find_shortcut_words": "icp_lightning.core.tokens",
     "mask_input_tokens": "icp_lightning.core.tokens",
+    "nominate": "icp_lightning.core.tokens",
     "remove_input_tokens": "icp_lightning.core.tokens",
     "word_continuation_ids": "icp_lightning.core.tokens",
     "ICPDataModule": "icp_lightning.data",
@@ -175,6 +177,7 @@ __all__ = [
     "load_slimmed",
     "make_permanent",
     "mask_input_tokens",
+    "nominate",
     "plant_shortcut",
     "refit_head",
     "register_counterfactual",

@@ -276,6 +276,42 @@ def confirm_tokens(
     return out
 
 
+def nominate(
+    found: Sequence[DiscoveredToken],
+    *,
+    min_share: float = 0.05,
+    min_rate: float | None = 0.5,
+    min_present: int = 2,
+) -> list[DiscoveredToken]:
+    """The candidates :func:`confirm_tokens` measures: the edited words the inverse edits often *or* consistently.
+
+    A word is a candidate when the inverse edits it in at least ``min_share`` of all sentences (a frequent
+    shortcut: A's planted token, which the inverse edits in only 14-33 of the 78 sentences holding it because it
+    stops early where the top features barely fire), or in at least ``min_rate`` of the sentences that hold it,
+    when at least ``min_present`` hold it (a rare one: a name held by 8 of 128 sentences, edited in most of them).
+
+    Args:
+        found: :func:`discover_tokens`' result (its own ``discovered`` flag is ignored).
+        min_share, min_rate, min_present: the two paths above; ``min_rate=None`` keeps the share path only.
+
+    Returns:
+        Copies of ``found`` in its order, ``discovered`` set by this rule.
+
+    Raises:
+        ValueError: a threshold outside [0, 1] or ``min_present < 1``.
+    """
+    if not 0.0 <= min_share <= 1.0 or (min_rate is not None and not 0.0 <= min_rate <= 1.0):
+        raise ValueError(f"min_share and min_rate must be in [0, 1], got {min_share}, {min_rate}")
+    if min_present < 1:
+        raise ValueError(f"min_present must be >= 1, got {min_present}")
+    out = []
+    for d in found:
+        often = d.edited >= min_share * d.total
+        consistent = min_rate is not None and d.present >= min_present and d.rate >= min_rate
+        out.append(replace(d, discovered=bool(often or consistent)))
+    return out
+
+
 def token_inverse(tokenizer: Any, top_k: int = 8) -> Any:
     """The discrete inverse discovery runs: one ``[MASK]`` edit per sentence, the two best-ranked edits checked
     exactly, on the ``top_k`` top-scored features (a
@@ -296,6 +332,7 @@ def find_shortcut_words(
     *,
     top_k: int = 8,
     min_share: float = 0.05,
+    min_rate: float | None = 0.5,
     min_contrast: float = 0.1,
     min_present: int = 2,
 ) -> list[DiscoveredToken]:
@@ -303,8 +340,9 @@ def find_shortcut_words(
 
     1. The discrete inverse (:class:`~icp_lightning.core.counterfactuals.TokenEditCounterfactual`: one ``[MASK]``
        edit per sentence, two candidates checked exactly) of masking the ``top_k`` top-scored features, over the
-       ``reference`` (training) batches, names whole words; those edited in at least ``min_share`` of the
-       sentences are candidates (:func:`discover_tokens` with ``min_rate=0``).
+       ``reference`` (training) batches, names whole words; :func:`nominate` makes those edited in at least
+       ``min_share`` of the sentences, or in at least ``min_rate`` of the (``min_present`` or more) sentences
+       holding them, candidates.
     2. :func:`confirm_tokens` keeps the candidates whose deletion lowers the label's probability on
        ``reference`` more than on ``balanced`` (the held-out split) by ``min_contrast``.
 
@@ -318,9 +356,10 @@ def find_shortcut_words(
     was_training = model.training
     model.eval()
     try:
-        found = discover_tokens(model, reference, scores, sites, edit, min_share=min_share, min_rate=0.0,
+        found = discover_tokens(model, reference, scores, sites, edit, min_share=0.0, min_rate=0.0,
                                 special_token_ids=tokenizer.all_special_ids,
                                 continuation_ids=word_continuation_ids(tokenizer))  # fmt: skip
+        found = nominate(found, min_share=min_share, min_rate=min_rate, min_present=min_present)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return confirm_tokens(model, found, reference, balanced, pad_id=int(pad), min_contrast=min_contrast,
                               min_present=min_present)  # fmt: skip

@@ -246,7 +246,8 @@ def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> No
     assert {k: v for k, v in merged["results"].items() if k != names["random"]} == {
         k: v for k, v in full["results"].items() if k != names["random"]
     }
-    assert merged["updates"] == [{"only": ["random"], "note": "why"}] and "updates" not in part
+    assert merged["updates"] == [{"only": ["random"], "note": "why", "previous": {names["random"]: full["results"][
+        names["random"]]}, "previous_discovered": full["discovered"]}] and "updates" not in part  # fmt: skip
     with pytest.raises(ValueError, match="ERM's row differs"):
         rel.update_part(part, {**rerun, "results": {"ERM": {"ood/acc": 0.0}}}, ["random"], "why")
     # the repair row is one of its two modes, chosen on the held-out split
@@ -262,6 +263,8 @@ def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> No
     (out / "parts").mkdir(parents=True)
     for sd in (0, 1):
         part = {"setting": "A", "seed": sd, "args": saved, "only": None, "seconds": 1.0, **full}
+        if sd == 1:  # a part rerun with --update: the report keeps the rows it replaced
+            part = rel.update_part(part, alone, ["random"], "a new rule")
         (out / "parts" / f"A_seed{sd}.json").write_text(json.dumps(part))
     (out / "parts" / "C_seed0.json").write_text(json.dumps({"setting": "C", "seed": 0, "protocol": 1}))  # old
     report = rel.combine(out, argparse.Namespace(prune_k=2))
@@ -273,6 +276,10 @@ def test_only_one_method_reproduces_its_row_of_the_full_run(tmp_path: Any) -> No
     (out / "parts" / "A_seed2.json").unlink()
     md = (out / "reliability.md").read_text()
     assert f"Targets for `{names['repair']}`" in md and "| extra epochs |" in md
+    assert "because: a new rule" in md and "Those rows before the rerun (1 seeds)" in md
+    before = md.split("| method (before) |")[1].split("\n\n")[0]
+    ood = 100 * full["results"][names["random"]]["ood/acc"]
+    assert f"| {names['random']} | " in before and f"| {ood:.1f} ± 0.0 |" in before
     assert f"- vs {names['dfr']}: +" in md or f"- vs {names['dfr']}: -" in md
     # --save-models: one save_pretrained folder per method, with its tokenizer and a manifest
 

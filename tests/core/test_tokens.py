@@ -248,3 +248,57 @@ def test_confirm_tokens_contrasts_the_deletion_effect_like_a_naive_loop() -> Non
     assert not few[0].discovered and few[0].balanced_present == 1
     with pytest.raises(ValueError, match="min_present"):
         confirm_tokens(model, found, [_rows(train)], [_rows(held)], pad_id=0, min_present=0)
+
+
+def test_nominate_takes_words_edited_often_or_consistently_like_a_naive_rule() -> None:
+    from icp_lightning.core.tokens import DiscoveredToken, nominate
+
+    total = 128
+    # (edited, present): frequent but inconsistent (A's token), rare but consistent (a name), rare and held once,
+    # rare and inconsistent, frequent and consistent.
+    cases = [(14, 78), (6, 8), (1, 1), (2, 9), (40, 50)]
+    found = [DiscoveredToken(i + 10, e, p, total, False) for i, (e, p) in enumerate(cases)]
+    for share, rate, present in ((0.05, 0.5, 2), (0.05, None, 2), (0.2, 0.7, 1), (0.0, 1.0, 2)):
+        out = nominate(found, min_share=share, min_rate=rate, min_present=present)
+        naive = [
+            e >= share * total or (rate is not None and p >= present and e / p >= rate) for e, p in cases
+        ]
+        assert [d.discovered for d in out] == naive
+        assert [(d.edited, d.present) for d in out] == cases  # copies, in order, counts kept
+    assert [d.discovered for d in nominate(found)] == [True, True, False, False, True]
+    assert not any(d.discovered for d in found)  # the input is not changed
+    with pytest.raises(ValueError, match="min_rate"):
+        nominate(found, min_rate=1.5)
+    with pytest.raises(ValueError, match="min_present"):
+        nominate(found, min_present=0)
+
+
+def test_find_shortcut_words_measures_a_rare_word_the_inverse_edits_consistently(monkeypatch: Any) -> None:
+    """A name held by 6 of 128 training sentences and edited in 5 of them is under the 5% share, but the per-word
+    path makes it a candidate, so the contrast decides (on main only the share path existed)."""
+    import icp_lightning.core.tokens as T
+
+    found = [T.DiscoveredToken(7, 5, 6, 128, True), T.DiscoveredToken(9, 1, 40, 128, True),
+             T.DiscoveredToken(8, 20, 60, 128, True)]  # fmt: skip
+    measured: list[list[int]] = []
+
+    def fake_confirm(model: Any, found: Any, reference: Any, balanced: Any, **kw: Any) -> Any:
+        measured.append([d.token_id for d in found if d.discovered])
+        return list(found)
+
+    monkeypatch.setattr(T, "discover_tokens", lambda *a, **k: list(found))
+    monkeypatch.setattr(T, "confirm_tokens", fake_confirm)
+
+    class _Tok:
+        all_special_ids = [0]
+        mask_token_id = 1
+        pad_token_id = 0
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"[PAD]": 0, "[MASK]": 1}
+
+    model = torch.nn.Linear(1, 1)
+    T.find_shortcut_words(model, [], [], {}, [], _Tok())
+    assert measured[-1] == [7, 8]  # the rare consistent name and the frequent word; not the rare stray edit
+    T.find_shortcut_words(model, [], [], {}, [], _Tok(), min_rate=None)
+    assert measured[-1] == [8]
