@@ -68,9 +68,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).parent / "results"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 ICP_MAIN = "ICP (val-selected)"
+#: ICP's repair (the words it finds, told nothing, deleted) and the same steps told the identity lexicon.
+REPAIR = "ICP repair: discovered words deleted + CE/KL epoch"
+TOLD = "told lexicon: identity words deleted + CE/KL epoch"
 #: Methods compared with ICP in the paired per-seed differences.
 BASELINES = ("ERM", "ERM + k epochs CE", "CDA", "CLP", "DFR", "JTT", "random prune + same steps")
 METRICS = ("acc", "bal_acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp")
+#: Arguments that say which jobs a process ran, not how (and paths): parts may differ in these.
+RUN_ONLY_ARGS = ("seeds", "threads", "save_models", "out", "combine", "force", "update", "quick", "gap_cause")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -415,6 +420,76 @@ def select(cands: dict[str, dict[str, float]], erm_val: dict[str, float], key: s
 
 
 # ------------------------------------------------------------------------------------------------------
+# ICP repair: the words the model leans on, found told nothing, deleted (as in settings A-C)
+
+
+def _batches(rows: Rows, pad: int) -> list[dict[str, torch.Tensor]]:
+    return [inputs_of(b) | {"labels": b["labels"]} for b in Batches(rows, 32, pad)]
+
+
+def discover_words(model: torch.nn.Module, data: Data, seed: int) -> dict[str, Any]:
+    """Token discovery told nothing, as in settings A-C (:func:`icp_lightning.find_shortcut_words`): head scores by
+    the signed mask-effect contrast of a 256-sentence training sample against the held-out split made
+    group-balanced over label x identity mention; the inverse of masking the top heads names candidate words;
+    a candidate is kept when deleting it lowers the label's probability on training sentences more than on the
+    balanced held-out ones. No identity lexicon is read."""
+    from typing import cast
+
+    from benchmarks.reliability import icp_scores as contrast_scores
+    from icp_lightning import find_shortcut_words, find_sites
+
+    pad = data.tokenizer.pad_token_id
+    sample = data.train.subset(
+        sorted(np.random.default_rng(seed + 2).permutation(len(data.train))[:256].tolist())
+    )
+    ref, held = _batches(sample, pad), _batches(group_balanced(data.heldout, seed), pad)
+    torch.manual_seed(method_seed(seed, "ICP discovery"))
+    bench = cast(Any, argparse.Namespace(attribution={"id": ref, "heldout": held}))
+    _, scores, _ = contrast_scores(model, bench)
+    found = find_shortcut_words(
+        model, ref, held, scores, find_sites(model, granularity="head"), data.tokenizer
+    )
+    words = [d.token_ids for d in found if d.discovered]
+    tok = data.tokenizer
+    return {"words": words, "text": [tok.decode(list(w)) for w in words],
+            "found": [{"word": tok.decode(list(d.token_ids)), "edited": d.edited, "present": d.present,
+                       "contrast": d.contrast, "discovered": d.discovered} for d in found[:20]]}  # fmt: skip
+
+
+def lexicon_words(tokenizer: Any) -> list[tuple[int, ...]]:
+    """Every identity word of :mod:`icp_lightning.identity_terms` as its word pieces (the told reference)."""
+    from icp_lightning.identity_terms import identity_words
+
+    return sorted({tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in identity_words()})
+
+
+def repair(model: torch.nn.Module, words: list[tuple[int, ...]], loader: Batches, epochs: float, lr: float,
+           pad: int, seed: int) -> None:  # fmt: skip
+    """The repair of settings A-C, continue mode: ``epochs`` of CE on x without ``words`` plus KL(M(x without
+    them) || M(x)) (:func:`benchmarks.reliability.repair_loss`), then the words deleted from every input at
+    inference (:func:`icp_lightning.mask_input_tokens`, ``mode="delete"``). No words: plain CE (the control)."""
+    from benchmarks.reliability import repair_loss
+    from icp_lightning import mask_input_tokens
+
+    train(model, loader, epochs, lr, repair_loss(words, pad) if words else None, seed=seed)
+    if words:
+        mask_input_tokens(model, words, pad, mode="delete")
+
+
+def pick_icp(run: Runner, candidates: list[str]) -> str:
+    """``ICP (val-selected)``: the candidate with the smallest val |FPR gap| + flip rate within 1 point of ERM's
+    val accuracy (:func:`select`); its row, costs and removals are copied under :data:`ICP_MAIN`."""
+    two = {
+        n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"]) for n in candidates
+    }
+    picked = select(two, run.val["ERM"], key="gap_flip")
+    run.results[ICP_MAIN] = dict(run.results[picked])
+    run.val[ICP_MAIN] = dict(run.val[picked])
+    run.costs[ICP_MAIN] = dict(run.costs[picked])
+    return picked
+
+
+# ------------------------------------------------------------------------------------------------------
 # One seed
 
 
@@ -502,7 +577,9 @@ def save_model(model: torch.nn.Module, data: Data, root: Path, seed: int, name: 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_seed(seed: int, args: argparse.Namespace, only: bool = False) -> dict[str, Any]:
+    """Every method on one seed; ``only``: ERM and the repair rows (:data:`REPAIR`, :data:`TOLD`), to rerun them
+    into a full part (:func:`merge_repair`)."""
     data = load_data(args, seed)
     pad = data.tokenizer.pad_token_id
     lr, extra = args.lr, args.extra_epochs
@@ -520,6 +597,27 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     run = Runner(data, seed, erm, args)
     run.record("ERM", erm, time.perf_counter() - t0, mem.peak, val=True)
     balanced = group_balanced(data.heldout, seed)
+
+    t0 = time.perf_counter()
+    found = discover_words(erm, data, seed)
+    t_disc = time.perf_counter() - t0
+    print(f"F seed {seed} discovered {found['text']} ({t_disc:.0f}s)", flush=True)
+    run.removed[REPAIR] = {"words": found["text"], "token_ids": [list(w) for w in found["words"]],
+                           "found": found["found"]}  # fmt: skip
+    run.cont(REPAIR, lambda m: repair(m, found["words"], loader(REPAIR), extra, lr, pad, method_seed(seed, REPAIR)),
+             val=True)  # fmt: skip
+    run.costs[REPAIR]["seconds"] += t_disc
+    told = lexicon_words(data.tokenizer)
+    run.removed[TOLD] = {"words": len(told)}
+    run.cont(TOLD, lambda m: repair(m, told, loader(TOLD), extra, lr, pad, method_seed(seed, TOLD)))
+    if only:
+        return {
+            "seed": seed,
+            "results": run.results,
+            "val": run.val,
+            "costs": run.costs,
+            "removed": run.removed,
+        }
 
     run.cont(
         "ERM + k epochs CE", lambda m: train(m, loader("ERM+k"), extra, lr, seed=method_seed(seed, "ERM+k"))
@@ -578,19 +676,17 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     refit_rows = group_balanced(data.heldout + swapped, seed)
     icp_refit = run.cont(name_refit, lambda m: refit(m, refit_rows, data), start=icp, val=True)
     run.costs[name_refit]["seconds"] += run.costs[name_kl]["seconds"]
-    # refit or not: the smaller val (|FPR gap| + flip rate) of the two, within 1 point of ERM's val accuracy
-    two = {n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"])
-           for n in (name_kl, name_refit)}  # fmt: skip
-    picked = select(two, run.val["ERM"], key="gap_flip")
-    do_refit = picked == name_refit
-    run.results[ICP_MAIN] = dict(run.results[picked])
-    run.val[ICP_MAIN] = dict(run.val[picked])
-    run.costs[ICP_MAIN] = dict(run.costs[picked])
-    run.costs[ICP_MAIN]["seconds"] += t_attr
-    run.removed[ICP_MAIN] = dict(removed, variant=picked)
+    # the smaller val (|FPR gap| + flip rate) of pruning, pruning + refit and the repair, within 1 point of ERM's
+    # val accuracy; the random row copies the refit choice of the two pruning ones
+    do_refit = select({n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"])
+                       for n in (name_kl, name_refit)}, run.val["ERM"], key="gap_flip") == name_refit  # fmt: skip
+    picked = pick_icp(run, [name_kl, name_refit, REPAIR])
+    if picked != REPAIR:
+        run.costs[ICP_MAIN]["seconds"] += t_attr
+    run.removed[ICP_MAIN] = dict(run.removed[picked], variant=picked)
     print(f"F seed {seed} {ICP_MAIN} = {picked}", flush=True)
-    if args.save_models:
-        save_model(icp_refit if do_refit else icp, data, Path(args.save_models), seed, ICP_MAIN,
+    if args.save_models and picked != REPAIR:  # (the repair's own folder is its model)
+        save_model(icp_refit if picked == name_refit else icp, data, Path(args.save_models), seed, ICP_MAIN,
                    run.removed[ICP_MAIN])  # fmt: skip
 
     from benchmarks.reliability import random_scores
@@ -615,6 +711,32 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
                   "test_noHate_mention": int(sum(1 for y, a in zip(data.test.labels, data.test.identity)
                                                  if y == 0 and a == 1))},
     }  # fmt: skip
+
+
+def merge_repair(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[str, Any]:
+    """``part`` (a full run of one seed) with the repair rows of ``res`` (``run_seed(..., only=True)``) put in and
+    ``ICP (val-selected)`` chosen again on val among pruning, pruning + refit and the repair. Sound because each
+    method draws from its own seeds; checked: ERM's row must be the same in both.
+
+    Raises:
+        ValueError: ERM's rows differ (the runs differ in more than the methods added)."""
+    if res["results"]["ERM"] != part["results"]["ERM"]:
+        raise ValueError("ERM's row differs between the part and the rerun: they are not the same run")
+    out = json.loads(json.dumps(part, default=str))
+    previous = {"results": out["results"].get(ICP_MAIN), "picked": out["icp_choice"]["picked"]}
+    for key in ("results", "val", "costs", "removed"):
+        out[key].update({k: v for k, v in res[key].items() if k != "ERM"})
+    prune = [n for n in out["results"] if n.startswith("ICP prune")]
+    run = argparse.Namespace(results=out["results"], val=out["val"], costs=out["costs"])
+    picked = pick_icp(run, [*prune, REPAIR])  # type: ignore[arg-type]
+    if picked != REPAIR:
+        out["costs"][ICP_MAIN]["seconds"] += out["costs"]["ICP attribution + choice of k and score on val"][
+            "seconds"
+        ]
+    out["removed"][ICP_MAIN] = dict(out["removed"][picked], variant=picked)
+    out["icp_choice"]["picked"] = picked
+    out.setdefault("updates", []).append({"added": [REPAIR, TOLD], "note": note, "previous": previous})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -766,6 +888,19 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                 f"{n} acc {v['acc']:.3f} |dp| {v['prob_change']:.3f}" for n, v in ch["val_candidates"].items()
             )
         )
+    for r in runs:
+        rep = r["removed"].get(REPAIR)
+        if rep is not None:
+            lines.append(f"- seed {r['seed']}: `{ICP_MAIN}` = `{r['icp_choice']['picked']}`; token discovery (told "
+                         f"nothing) named {rep['words'] or 'no word'}")  # fmt: skip
+    ups = [(r["seed"], u) for r in runs for u in r.get("updates", [])]
+    if ups:
+        prev = [u["previous"]["results"] for _, u in ups if u["previous"].get("results")]
+        lines += ["", f"**Rows added with `--update`** (seeds {[sd for sd, _ in ups]}): {', '.join(ups[-1][1]['added'])}"
+                  f", because: {ups[-1][1]['note']}. ERM's row of each rerun matched the full run's exactly; "
+                  f"`{ICP_MAIN}` was chosen again on val. Before: picked {[u['previous']['picked'] for _, u in ups]}; "
+                  + ", ".join(f"{m} {_ms([p[m] for p in prev])}" for m in ("acc", "flip_rate", "fpr_gap"))
+                  + "."]  # fmt: skip
     lines.append("")
     return "\n".join(lines)
 
@@ -846,6 +981,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
     p.add_argument("--force", action="store_true", help="rerun seeds whose part exists")
+    p.add_argument("--update", default=None, metavar="NOTE",
+                   help="run ERM and the repair rows only and merge them into the existing full parts (ERM must "
+                        "match); NOTE says why, in the report")  # fmt: skip
     p.add_argument("--save-models", default=None, help="folder for each method's final model per seed")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--train", type=int, default=600, help="training sentences (of 1,514)")
@@ -878,13 +1016,24 @@ def main() -> None:
     if not args.combine:
         for seed in args.seeds:
             path = part_path(out, seed)
+            if args.update:
+                if not path.exists():
+                    raise SystemExit(f"--update needs an existing full part {path}")
+                old = json.loads(path.read_text())
+                differ = {k for k in set(old["args"]) | set(vars(args)) if k not in RUN_ONLY_ARGS
+                          and old["args"].get(k) != vars(args).get(k)}  # fmt: skip
+                if differ:
+                    raise SystemExit(f"--update: {path} was run with other arguments: {sorted(differ)}")
+                write_atomic(path, json.dumps(merge_repair(old, run_seed(seed, args, only=True), args.update),
+                                              indent=1, default=str))  # fmt: skip
+                continue
             if path.exists() and not args.force:
                 print(f"seed {seed}: part exists ({path}), skipped", flush=True)
                 continue
             t0 = time.perf_counter()
             res = run_seed(seed, args)
             res["seconds_total"] = time.perf_counter() - t0
-            res["args"] = {k: v for k, v in vars(args).items() if k not in ("combine", "force")}
+            res["args"] = {k: v for k, v in vars(args).items() if k not in ("combine", "force", "update")}
             write_atomic(path, json.dumps(res, indent=1, default=str))
             print(f"seed {seed} done in {res['seconds_total']:.0f}s -> {path}", flush=True)
     combine(out, args)

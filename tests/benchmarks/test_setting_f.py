@@ -255,3 +255,75 @@ def test_gap_cause_scores_saved_models_on_the_four_sets(tmp_path: Path) -> None:
         ]
     assert got["noHate, no mention"] == pytest.approx(sum(preds) / len(preds), abs=1e-6)
     assert (tmp_path / "setting_f_gap_cause.json").is_file()
+
+
+def test_repair_trains_then_deletes_the_words_at_inference() -> None:
+    """With no step, the repaired model reads x as the unchanged model reads x with the words taken out (the
+    package's remove_input_tokens, one pad-shifted row per sentence); with no word it is plain CE training."""
+    from icp_lightning.core.tokens import remove_input_tokens
+
+    rows = _rows(24)
+    batch = sf.collate(rows, list(range(24)), PAD)
+    x = sf.inputs_of(batch)
+    words = [(3,), (8, 9)]
+    model = _tiny_bert()
+    ref = _tiny_bert()
+    sf.repair(model, words, sf.Batches(rows, 8, PAD, seed=0), 0.0, 1e-3, PAD, seed=0)
+    cut = remove_input_tokens(x["input_ids"], words, PAD, x["attention_mask"], x["token_type_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, ref(**cut).logits)
+    plain, ce = _tiny_bert(), _tiny_bert()
+    sf.repair(plain, [], sf.Batches(rows, 8, PAD, seed=0), 1.0, 1e-3, PAD, seed=0)
+    sf.train(ce, sf.Batches(rows, 8, PAD, seed=0), 1.0, 1e-3, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**x).logits, ce(**x).logits)
+
+
+def test_lexicon_words_are_the_identity_words_as_pieces() -> None:
+    from icp_lightning.identity_terms import identity_words
+
+    class _Tok:
+        def __call__(self, w: str, add_special_tokens: bool) -> dict[str, list[int]]:
+            assert not add_special_tokens
+            return {"input_ids": [ord(c) for c in w]}
+
+    got = sf.lexicon_words(_Tok())
+    assert sorted("".join(map(chr, w)) for w in got) == sorted(identity_words())
+
+
+def test_merge_repair_adds_rows_and_picks_icp_again_on_val() -> None:
+    kl, refit = (
+        "ICP prune 6 heads (pairs score) + KL epoch",
+        "ICP prune 6 heads (pairs score) + KL epoch + head refit",
+    )
+
+    def row(acc: float, gap: float, flip: float) -> dict[str, float]:
+        return {"acc": acc, "fpr_gap": gap, "flip_rate": flip, "bias_amp": 0.0}
+
+    cost = {"seconds": 1.0, "peak_rss_mb": 1.0}
+    part = {"seed": 0, "results": {"ERM": row(0.8, 0.3, 0.1), kl: row(0.7, 0.2, 0.1), refit: row(0.6, 0.1, 0.1),
+                                   sf.ICP_MAIN: row(0.7, 0.2, 0.1)},
+            "val": {"ERM": row(0.8, 0.3, 0.1), kl: row(0.795, 0.2, 0.05), refit: row(0.7, 0.0, 0.0)},
+            "costs": {kl: cost, refit: cost, sf.ICP_MAIN: cost,
+                      "ICP attribution + choice of k and score on val": {"seconds": 5.0, "peak_rss_mb": 1.0}},
+            "removed": {kl: {"heads": []}}, "icp_choice": {"picked": kl}}  # fmt: skip
+    part["removed"][refit] = part["removed"][kl]
+    res = {"results": {"ERM": row(0.8, 0.3, 0.1), sf.REPAIR: row(0.81, 0.05, 0.0), sf.TOLD: row(0.79, 0.0, 0.0)},
+           "val": {"ERM": row(0.8, 0.3, 0.1), sf.REPAIR: row(0.80, 0.1, 0.0)},
+           "costs": {sf.REPAIR: cost, sf.TOLD: cost}, "removed": {sf.REPAIR: {"words": ["x"]}, sf.TOLD: {}}}  # fmt: skip
+    out = sf.merge_repair(part, res, "why")
+    # val: refit is 10 points below ERM, kl has gap+flip 0.25, the repair 0.1: the repair is picked
+    assert (
+        out["icp_choice"]["picked"] == sf.REPAIR and out["results"][sf.ICP_MAIN] == res["results"][sf.REPAIR]
+    )
+    assert out["results"][sf.TOLD] == res["results"][sf.TOLD] and out["results"][kl] == part["results"][kl]
+    assert out["removed"][sf.ICP_MAIN] == {"words": ["x"], "variant": sf.REPAIR}
+    assert out["costs"][sf.ICP_MAIN]["seconds"] == 1.0  # the repair's cost holds its discovery
+    assert out["updates"] == [{"added": [sf.REPAIR, sf.TOLD], "note": "why",
+                               "previous": {"results": part["results"][sf.ICP_MAIN], "picked": kl}}]  # fmt: skip
+    worse = json.loads(json.dumps(res))
+    worse["val"][sf.REPAIR] = row(0.80, 0.3, 0.2)
+    again = sf.merge_repair(part, worse, "why")
+    assert again["icp_choice"]["picked"] == kl and again["costs"][sf.ICP_MAIN]["seconds"] == 6.0
+    with pytest.raises(ValueError, match="ERM's row differs"):
+        sf.merge_repair(part, {**res, "results": {"ERM": row(0.5, 0.3, 0.1)}}, "why")
