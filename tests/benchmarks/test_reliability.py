@@ -337,3 +337,9 @@ def test_discovery_cause_counts_the_planted_words_found() -> None:
     assert "[2, 0] of the 16 planted names" in c and "(2 of 32)" in c
     b = rel.discovery_cause("B", [seed(), seed("bad")])
     assert "no word on 1 of 2 seeds" in b
+    updated = [seed("mary", "james", "susan") | {"updates": [{"previous_discovered": seed("mary")["discovered"]}]},
+               seed("linda") | {"updates": [{"previous_discovered": seed()["discovered"]}]}]  # fmt: skip
+    c2 = rel.discovery_cause("C", updated)
+    assert (
+        "[3, 1] of the 16 planted names" in c2 and "(the rule it replaced): [1, 0] per seed (1 of 32)" in c2
+    )
