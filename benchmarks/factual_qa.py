@@ -533,6 +533,72 @@ def generate_answers(
     return texts, torch.tensor(probs, dtype=torch.float64)
 
 
+def _chat(tokenizer: Any, question: str) -> str:
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": f"Answer in a few words: {question}?"}],
+                                             tokenize=False, add_generation_prompt=True))  # fmt: skip
+
+
+#: The prompts :func:`nq_probe` tries (the benchmark's own first).
+NQ_PROBE_PROMPTS: dict[str, Callable[[Any, str], str]] = {
+    "the benchmark's (`Question: ...?\\nAnswer:`)": lambda tok, q: f"Question: {q}?\nAnswer:",
+    "instruction first (`Answer with a few words only.`)": lambda tok, q: (
+        f"Answer with a few words only.\nQuestion: {q}?\nAnswer:"
+    ),
+    "chat template (`Answer in a few words: ...?`)": _chat,
+}
+
+
+def nq_probe(model: nn.Module, tokenizer: Any, questions: Sequence[str], answers: Sequence[Sequence[str]],
+             budgets: Sequence[int] = (6, 16), prompts: Sequence[str] | None = None,
+             batch_size: int = 8) -> list[dict[str, Any]]:  # fmt: skip
+    """Whether the NQ columns can measure anything: the untrained model's greedy answers (:func:`generate_answers`)
+    to ``questions`` under each prompt of :data:`NQ_PROBE_PROMPTS` (or ``prompts``, their names) and token budget:
+    contains-answer and exact-match rates, empty answers, and the first three answers."""
+    rows = []
+    for name in prompts or list(NQ_PROBE_PROMPTS):
+        fmt = NQ_PROBE_PROMPTS[name]
+        for n in budgets:
+            texts, _ = generate_answers(
+                model, tokenizer, [fmt(tokenizer, q) for q in questions], n, batch_size
+            )
+            rows.append({"prompt": name, "tokens": n, "n": len(texts),
+                         "contains": float(np.mean([contains_answer(t, a) for t, a in zip(texts, answers)])),
+                         "exact_match": float(np.mean([exact_match(t, a) for t, a in zip(texts, answers)])),
+                         "empty": sum(not t for t in texts), "examples": texts[:3]})  # fmt: skip
+    return rows
+
+
+def run_nq_probe(args: argparse.Namespace) -> str:
+    """``--nq-probe N``: :func:`nq_probe` on the first N questions of NQ-open's *training* split (no test row),
+    the zero-shot model; writes ``nq_probe.md`` under ``--out``."""
+    import transformers
+
+    from icp_lightning.recipes import smollm2_path
+    from icp_lightning.recipes_qa import nq_open
+
+    path = args.model_path or smollm2_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = nq_open()["train"].select(range(args.nq_probe))
+    table = nq_probe(model, tok, list(rows["question"]), list(rows["answers"]))
+    lines = ["# NQ-open: can the zero-shot model answer at all?", "",
+             f"`python -m benchmarks.factual_qa --nq-probe {args.nq_probe}`: greedy answers of the untrained model "
+             f"to the first {args.nq_probe} questions of NQ-open's *training* split (no test question), per prompt "
+             "and token budget.", "",
+             "| prompt | tokens | contains answer | exact match | empty | first answers |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in table:
+        ex = "; ".join(f"`{e}`" for e in r["examples"])
+        lines.append(f"| {r['prompt']} | {r['tokens']} | {100 * r['contains']:.1f}% | "
+                     f"{100 * r['exact_match']:.1f}% | {r['empty']} of {r['n']} | {ex} |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nq_probe.md").write_text(text)
+    return text
+
+
 # ------------------------------------------------------------------------------------------------------
 # Memory and time of one method
 
@@ -1241,6 +1307,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=96)
     parser.add_argument("--nq", type=int, default=24)
     parser.add_argument("--nq-tokens", type=int, default=6)
+    parser.add_argument("--nq-probe", type=int, default=0, metavar="N",
+                        help="only probe the zero-shot model's NQ answers on N training questions (nq_probe.md)")  # fmt: skip
     parser.add_argument("--attr", type=int, default=32, help="training questions for attribution")
     parser.add_argument("--passage-words", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -1283,6 +1351,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     if args.combine:
         write_report(args)
+        return
+    if args.nq_probe:
+        print(run_nq_probe(args))
         return
     methods = list(args.methods or MAIN_METHODS)
     if args.ablations and args.methods is None:

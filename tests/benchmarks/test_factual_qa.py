@@ -299,3 +299,25 @@ def test_answer_length_skips_leading_newlines_and_stops_at_the_next_one() -> Non
     assert answer_length([" Paris", " France", "</s>"], [False, False, True]) == 2
     assert answer_length(["\n", "</s>"], [False, True]) == 1  # nothing but a newline: an empty answer
     assert answer_length([" a", " b"], [False, False]) == 2
+
+
+def test_nq_probe_scores_the_answers_of_each_prompt_like_a_naive_loop(model: LlamaForCausalLM) -> None:
+    from benchmarks.factual_qa import NQ_PROBE_PROMPTS, generate_answers, nq_probe
+    from icp_lightning.metrics.qa import contains_answer, exact_match
+
+    tok = word_tokenizer(list(WORDS))
+    questions, answers = ["the sky", "a dog", "fire"], [["blue"], ["runs", "sleeps"], ["hot"]]
+    names = [n for n in NQ_PROBE_PROMPTS if "chat" not in n]  # the tiny tokenizer has no chat template
+    said = [(i, t) for n in names for i, q in enumerate(questions)
+            for t in generate_answers(model, tok, [NQ_PROBE_PROMPTS[n](tok, q)], 4, 1)[0] if t]  # fmt: skip
+    assert said  # the random model says something: make it the right answer, so a rate is not 0
+    answers[said[0][0]] = [said[0][1]]
+    rows = nq_probe(model, tok, questions, answers, budgets=(2, 4), prompts=names, batch_size=2)
+    assert [(r["prompt"], r["tokens"]) for r in rows] == [(n, b) for n in names for b in (2, 4)]
+    for r in rows:
+        prompts = [NQ_PROBE_PROMPTS[r["prompt"]](tok, q) for q in questions]
+        texts = [generate_answers(model, tok, [p], r["tokens"], 1)[0][0] for p in prompts]  # one at a time
+        assert r["contains"] == pytest.approx(sum(contains_answer(t, a) for t, a in zip(texts, answers)) / 3)
+        assert r["exact_match"] == pytest.approx(sum(exact_match(t, a) for t, a in zip(texts, answers)) / 3)
+        assert r["empty"] == sum(not t for t in texts) and r["examples"] == texts[:3]
+    assert max(r["contains"] for r in rows) >= 1 / 3 and max(r["exact_match"] for r in rows) >= 1 / 3
