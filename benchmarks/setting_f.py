@@ -791,19 +791,24 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     def per_seed(name: str, metric: str) -> list[float]:
         return [next(res[metric] for n, res in r["results"].items() if canon(n) == name) for r in runs]
 
-    diffs: dict[str, dict[str, Any]] = {}
-    for base in BASELINES:
-        if base not in table:
-            continue
-        d = {}
-        for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
-            a, b = per_seed(ICP_MAIN, m), per_seed(base, m)
-            if m == "fpr_gap":  # compare the size of the gap
-                a, b = [abs(x) for x in a], [abs(x) for x in b]
-            delta = [x - y for x, y in zip(a, b)]
-            better = sum(1 for x in delta if (x > 0 if m == "acc" else x < 0))
-            d[m] = {"icp_minus_base": delta, "mean": statistics.mean(delta), "wins": better}
-        diffs[base] = d
+    def paired(icp: str) -> dict[str, dict[str, Any]]:
+        diffs: dict[str, dict[str, Any]] = {}
+        for base in BASELINES:
+            if base not in table:
+                continue
+            d = {}
+            for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
+                a, b = per_seed(icp, m), per_seed(base, m)
+                if m == "fpr_gap":  # compare the size of the gap
+                    a, b = [abs(x) for x in a], [abs(x) for x in b]
+                delta = [x - y for x, y in zip(a, b)]
+                better = sum(1 for x in delta if (x > 0 if m == "acc" else x < 0))
+                d[m] = {"icp_minus_base": delta, "mean": statistics.mean(delta), "wins": better}
+            diffs[base] = d
+        return diffs
+
+    diffs = paired(ICP_MAIN)
+    repair_diffs = paired(REPAIR) if REPAIR in table and len(table[REPAIR]["acc"]) == len(runs) else {}
 
     erm_flip, icp_flip = per_seed("ERM", "flip_rate"), per_seed(ICP_MAIN, "flip_rate")
     erm_gap, icp_gap = (
@@ -832,6 +837,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         ]
 
     summary = {"seeds": seeds, "args": runs[0].get("args"), "table": table, "costs": costs, "paired": diffs,
+               "paired_repair": repair_diffs,
                "targets": targets, "icp_choices": {r["seed"]: r["icp_choice"] for r in runs},
                "sizes": runs[0]["sizes"], "reference_p_hate_given_mention": [r["reference_p_hate_given_mention"]
                                                                            for r in runs],
@@ -861,20 +867,23 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {bold}{name}{bold} | " + " | ".join(_ms(row[m]) for m in METRICS) + f" | {sec} | {mb} |"
         )
-    lines += [
-        "",
-        "## Paired per-seed differences (ICP (val-selected) minus baseline; |FPR gap| compared)",
-        "",
-        "| baseline | acc | flip rate | abs change p | abs FPR gap | bias amp. |",
-        "|---|---|---|---|---|---|",
-    ]
-    for base, d in s["paired"].items():
-        cells = []
-        for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
-            vals = d[m]["icp_minus_base"]
-            cells.append(f"{_ms(vals)} ({d[m]['wins']}/{len(vals)} better) [" +
-                         ", ".join(f"{v:+.3f}" for v in vals) + "]")  # fmt: skip
-        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    for key, icp in (("paired", ICP_MAIN), ("paired_repair", REPAIR)):
+        if not s.get(key):
+            continue
+        lines += [
+            "",
+            f"## Paired per-seed differences ({icp} minus baseline; |FPR gap| compared)",
+            "",
+            "| baseline | acc | flip rate | abs change p | abs FPR gap | bias amp. |",
+            "|---|---|---|---|---|---|",
+        ]
+        for base, d in s[key].items():
+            cells = []
+            for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
+                vals = d[m]["icp_minus_base"]
+                cells.append(f"{_ms(vals)} ({d[m]['wins']}/{len(vals)} better) [" +
+                             ", ".join(f"{v:+.3f}" for v in vals) + "]")  # fmt: skip
+            lines.append(f"| {base} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", "", "| target | ICP | threshold | met |", "|---|---|---|---|"]
     for t, (v, thr, ok) in s["targets"].items():
         lines.append(f"| {t} | {v:.3f} | {thr:.3f} | {'yes' if ok else 'no'} |" if isinstance(v, float)
