@@ -33,7 +33,8 @@ on 128-256 selection pairs, about ±4 points of sampling noise; dev perplexity a
 - attention heads (``o_proj``, 270 heads, paired swap): 2/4/8 heads gave 47.7/50.8/47.7% (unedited 52.3%)
   at perplexity +23/+31/+91%; the top heads are in layer 0.
 
-Run: ``python -m benchmarks.setting_d --quick`` (one seed) or without ``--quick`` (``--seeds 0 1 2 3 4``).
+Run: ``python -m benchmarks.setting_d --quick`` (one seed) or without ``--quick`` (``--seeds 0 1 2 3 4``); ``--save-models
+DIR`` writes every edited model per seed (edit folded in: a plain ``from_pretrained`` reloads it) with a manifest.
 Writes ``benchmarks/results/reliability_d.json`` and ``reliability_d.md``.
 """
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -230,6 +232,34 @@ def edited(model: torch.nn.Module, sites: Sites, values: Mapping[str, torch.Tens
         yield
 
 
+def save_edited(model: torch.nn.Module, sites: Sites, values: Mapping[str, torch.Tensor] | None, tokenizer: Any,
+                root: Path, seed: int, name: str) -> Path:  # fmt: skip
+    """``--save-models``: a copy of ``model`` with ``values`` folded into its weights (``apply_masks`` +
+    ``make_permanent``: a plain ``from_pretrained`` reloads the edit), its tokenizer and a ``manifest.json`` naming
+    method, seed, setting and the scaled FFN neurons per site, in ``root/seed<seed>/<method>``."""
+    from icp_lightning import apply_masks, make_permanent
+
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    out = root / f"seed{seed}" / slug
+    out.mkdir(parents=True, exist_ok=True)
+    copy_ = copy.deepcopy(model)
+    scaled: dict[str, dict[str, Any]] = {}
+    if values is not None:
+        mine = find_sites(copy_, target_modules=list(sites))
+        apply_masks(copy_, mine, dict(values))
+        make_permanent(copy_)
+        for n, v in values.items():
+            idx = torch.nonzero(v != 1).flatten()
+            if len(idx):
+                scaled[n] = {"neurons": idx.tolist(), "factors": v[idx].tolist()}
+    copy_.save_pretrained(out)  # type: ignore[operator]
+    tokenizer.save_pretrained(out)
+    manifest = {"method": name, "seed": seed, "setting": "D: causal-LM bias, training-free edits (SmolLM2-135M)",
+                "scaled_ffn_neurons": scaled}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
 @torch.no_grad()
 def token_logprobs(
     model: torch.nn.Module, sequences: Sequence[Sequence[int]], batch_size: int = 32
@@ -381,6 +411,7 @@ class Context:
     pad_id: int
     parts: list[tuple[int, int]] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
 
 
 _CONTEXT: Context | None = None
@@ -440,6 +471,7 @@ def load_context(args: argparse.Namespace) -> Context:
         yes_id=_single_token(tokenizer, " yes"),
         no_id=_single_token(tokenizer, " no"),
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        tokenizer=tokenizer,
     )
     t0 = time.perf_counter()
     ctx.parts = [pair_parts(a, b) for a, b in zip(ctx.more_ids, ctx.less_ids)]
@@ -601,6 +633,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     def run(name: str, values: Any) -> None:
         t = time.perf_counter()
         results[name] = evaluate(ctx, args, eval_idx, ctx.ffn, values)
+        if getattr(args, "save_models", None):
+            save_edited(ctx.model, ctx.ffn, values, ctx.tokenizer, Path(args.save_models), seed, name)
         costs[f"{name}: eval s"] = time.perf_counter() - t
         print(f"seed {seed} {name}: {_brief(results[name])} ({costs[f'{name}: eval s']:.0f}s)", flush=True)
 
@@ -796,6 +830,8 @@ def main() -> None:
         "--pairs", type=int, default=None, help="use only the first N CrowS-Pairs (smoke runs)"
     )
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--save-models", default=None, metavar="DIR",
+                        help="write every edited model per seed (save_pretrained, edit folded in, manifest.json)")  # fmt: skip
     args = parse_args(parser)
     if args.quick:
         args.seeds = [0]

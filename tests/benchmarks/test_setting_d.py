@@ -269,3 +269,32 @@ def test_smollm2_yes_no_tokens_are_single() -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_path())
     assert _single_token(tokenizer, " yes") != _single_token(tokenizer, " no")
+
+
+def test_save_edited_reloads_the_edited_model_with_from_pretrained(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path
+) -> None:
+    import json
+
+    from benchmarks.setting_d import save_edited
+
+    sites = find_sites(model, target_modules=FFN)
+    ranking = rank({name: torch.randn(sites[name].n_features) for name in sites})
+    values = prune_values(sites, ranking, k=4, factor=0.5)
+    ids = torch.tensor([_ids("poor people save money .")])
+    with torch.no_grad(), edited(model, sites, values):
+        expected = model(ids).logits
+    before = model(ids).logits.detach().clone()
+    folder = save_edited(model, sites, values, tokenizer, tmp_path, 3, "ICP prune")
+    torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)  # the model itself is not edited
+    reloaded = LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["method"] == "ICP prune" and manifest["seed"] == 3 and folder.name == "icp_prune"
+    chosen = {(n, f) for n, f, _ in ranking[:4]}
+    assert {(n, i) for n, v in manifest["scaled_ffn_neurons"].items() for i in v["neurons"]} == chosen
+    assert all(f == 0.5 for v in manifest["scaled_ffn_neurons"].values() for f in v["factors"])
+    plain = save_edited(model, sites, None, tokenizer, tmp_path, 3, "unedited")
+    with torch.no_grad():
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(plain)(ids).logits, before)
