@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from icp_lightning.callbacks._attribution_data import set_names
 from icp_lightning.core.tokens import (
+    check_rule,
     discover_tokens,
     find_shortcut_words,
     mask_input_tokens,
@@ -136,12 +137,17 @@ class TokenRepairCallback(Callback):
         discovery_batches: training batches the inverse reads when ``token_ids`` is ``None``.
         top_k: the inverse intervenes on the ``top_k`` top-scored features.
         pad_token_id: the id written at the freed end of a row (default: the tokenizer's or the model's).
+        min_share, min_rate, min_contrast: the discovery rule (:func:`~icp_lightning.core.tokens.nominate`,
+            :func:`~icp_lightning.core.tokens.confirm_tokens`): a candidate is edited in ``min_share`` of the
+            sentences or in ``min_rate`` of those holding it (``None``: the share alone), and kept when its deletion
+            contrast is at least ``min_contrast``. Without a held-out split, edit counts alone decide (share *and*
+            rate). Checked here, before any training.
         log_reliance: after each validation, log ``val/<set>/reliance_changed`` and
             ``val/<set>/reliance_prob_change`` (:class:`~icp_lightning.metrics.FeatureReliance`: how much the
             predictions still depend on the words when they are *not* removed).
 
     Raises:
-        ValueError: a mode, epoch or count outside the allowed values.
+        ValueError: a mode, epoch, count or discovery threshold outside the allowed values.
     """
 
     def __init__(
@@ -154,6 +160,9 @@ class TokenRepairCallback(Callback):
         top_k: int = 8,
         pad_token_id: int | None = None,
         log_reliance: bool = True,
+        min_share: float = 0.05,
+        min_rate: float | None = 0.5,
+        min_contrast: float = 0.1,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
@@ -163,6 +172,8 @@ class TokenRepairCallback(Callback):
             raise ValueError("mode='restart' needs start_epoch >= 1 (at epoch 0 there is nothing to restart)")
         if discovery_batches < 1 or top_k < 1:
             raise ValueError(f"discovery_batches and top_k must be >= 1, got {discovery_batches}, {top_k}")
+        check_rule(min_share=min_share, min_rate=min_rate, min_contrast=min_contrast)
+        self.min_share, self.min_rate, self.min_contrast = min_share, min_rate, min_contrast
         self.token_ids: list[tuple[int, ...]] | None = (
             None if token_ids is None else [_as_word(t) for t in token_ids]
         )
@@ -247,14 +258,18 @@ class TokenRepairCallback(Callback):
         was_training = model.training
         model.eval()
         if held is not None:  # the rule the benchmarks use: inverse candidates, kept by the deletion contrast
-            found = find_shortcut_words(model, batches, held, scores, sites, tok, top_k=self.top_k)
+            found = find_shortcut_words(model, batches, held, scores, sites, tok, top_k=self.top_k,
+                                        min_share=self.min_share, min_rate=self.min_rate,
+                                        min_contrast=self.min_contrast)  # fmt: skip
         else:  # no held-out split to contrast with: the inverse's edit counts alone
             rank_zero_warn(
                 "TokenRepairCallback: the data module has no held-out split (heldout_dataloader()), so discovered "
                 "words are not checked by their deletion contrast; pass heldout_size to ICPDataModule"
             )
             cf = token_inverse(tok, self.top_k)
-            found = discover_tokens(model, batches, scores, sites, cf, special_token_ids=tok.all_special_ids,
+            found = discover_tokens(model, batches, scores, sites, cf, min_share=self.min_share,
+                                    min_rate=0.5 if self.min_rate is None else self.min_rate,
+                                    special_token_ids=tok.all_special_ids,
                                     continuation_ids=word_continuation_ids(tok))  # fmt: skip
         model.train(was_training)
         words = [d.token_ids for d in found if d.discovered]

@@ -43,10 +43,12 @@ from icp_lightning.core.sites import Sites
 __all__ = [
     "DiscoveredToken",
     "TokenMaskHandle",
+    "check_rule",
     "confirm_tokens",
     "discover_tokens",
     "find_shortcut_words",
     "mask_input_tokens",
+    "nominate",
     "remove_input_tokens",
     "token_inverse",
     "word_continuation_ids",
@@ -256,8 +258,7 @@ def confirm_tokens(
     Raises:
         ValueError: ``min_present < 1``.
     """
-    if min_present < 1:
-        raise ValueError(f"min_present must be >= 1, got {min_present}")
+    check_rule(min_present=min_present, min_contrast=min_contrast)
     words = [d.token_ids for d in found if d.discovered]
     ref = _deletion_drops(model, reference, words, pad_id)
     bal = _deletion_drops(model, balanced, words, pad_id)
@@ -274,6 +275,31 @@ def confirm_tokens(
             d.discovered = ok and d.contrast is not None and d.contrast >= min_contrast
         out.append(d)
     return out
+
+
+def check_rule(
+    *, min_share: float = 0.05, min_rate: float | None = 0.5, min_present: int = 2, min_contrast: float = 0.1
+) -> None:
+    """Validate the thresholds of the discovery rule (:func:`nominate`, :func:`confirm_tokens`) before any work.
+
+    Raises:
+        ValueError: ``min_share`` or ``min_rate`` outside [0, 1], ``min_present < 1`` or ``min_contrast < 0``.
+
+    Example:
+        >>> check_rule(min_rate=None)
+        >>> check_rule(min_share=2.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: min_share and min_rate must be in [0, 1], got 2.0, 0.5
+    """
+    if not 0.0 <= min_share <= 1.0 or (min_rate is not None and not 0.0 <= min_rate <= 1.0):
+        raise ValueError(f"min_share and min_rate must be in [0, 1], got {min_share}, {min_rate}")
+    if min_present < 1:
+        raise ValueError(f"min_present must be >= 1, got {min_present}")
+    if not min_contrast >= 0.0:
+        raise ValueError(
+            f"min_contrast must be >= 0 (a lower bar keeps words that carry the task), got {min_contrast}"
+        )
 
 
 def nominate(
@@ -300,10 +326,7 @@ def nominate(
     Raises:
         ValueError: a threshold outside [0, 1] or ``min_present < 1``.
     """
-    if not 0.0 <= min_share <= 1.0 or (min_rate is not None and not 0.0 <= min_rate <= 1.0):
-        raise ValueError(f"min_share and min_rate must be in [0, 1], got {min_share}, {min_rate}")
-    if min_present < 1:
-        raise ValueError(f"min_present must be >= 1, got {min_present}")
+    check_rule(min_share=min_share, min_rate=min_rate, min_present=min_present)
     out = []
     for d in found:
         often = d.edited >= min_share * d.total
@@ -352,6 +375,7 @@ def find_shortcut_words(
     Returns:
         :func:`confirm_tokens`' result: every edited word, most edited first, ``discovered`` by the rule.
     """
+    check_rule(min_share=min_share, min_rate=min_rate, min_present=min_present, min_contrast=min_contrast)
     edit = token_inverse(tokenizer, top_k)
     was_training = model.training
     model.eval()

@@ -174,6 +174,10 @@ def test_choose_repair_and_argument_checks() -> None:
         TokenRepairCallback(mode="restart", start_epoch=0)
     with pytest.raises(ValueError, match="empty word"):
         TokenRepairCallback(token_ids=[[]])
+    with pytest.raises(ValueError, match="min_share and min_rate"):
+        TokenRepairCallback(min_rate=1.5)
+    with pytest.raises(ValueError, match="min_contrast must be >= 0"):
+        TokenRepairCallback(min_contrast=-0.1)
 
 
 def test_discovery_uses_the_shared_rule_with_the_heldout_split(monkeypatch: Any) -> None:
@@ -188,9 +192,11 @@ def test_discovery_uses_the_shared_rule_with_the_heldout_split(monkeypatch: Any)
         return [DiscoveredToken(WORD[0], 3, 3, 8, True, WORD), DiscoveredToken(9, 1, 8, 8, False)]
 
     monkeypatch.setattr(repair, "find_shortcut_words", rule)
-    cb = TokenRepairCallback(start_epoch=1, mode="continue", discovery_batches=2, top_k=3)
+    cb = TokenRepairCallback(start_epoch=1, mode="continue", discovery_batches=2, top_k=3, min_rate=None,
+                             min_contrast=0.2)  # fmt: skip
     _trainer(cb).fit(Module(), datamodule=Data())
     assert cb.token_ids == [WORD]
     held = Data().heldout_dataloader()
     assert [b["input_ids"].tolist() for b in seen["balanced"]] == [b["input_ids"].tolist() for b in held]
-    assert len(seen["reference"]) == 2 and seen["kw"] == {"top_k": 3}
+    assert len(seen["reference"]) == 2
+    assert seen["kw"] == {"top_k": 3, "min_share": 0.05, "min_rate": None, "min_contrast": 0.2}
