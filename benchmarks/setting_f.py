@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -71,11 +72,28 @@ ICP_MAIN = "ICP (val-selected)"
 #: ICP's repair (the words it finds, told nothing, deleted) and the same steps told the identity lexicon.
 REPAIR = "ICP repair: discovered words deleted + CE/KL epoch"
 TOLD = "told lexicon: identity words deleted + CE/KL epoch"
+#: ICP with the mention-vs-no-mention counterfactual (identity words deleted) for attribution and KL, and its
+#: ablation without pruning; neither is a candidate of ``ICP (val-selected)`` (added after its rows were seen).
+DELETION = "ICP deletion: prune k heads (deletion pairs) + deletion-KL epoch"
+CLP_DEL = "CLP, deletion pairs (KL alone)"
+#: Row groups ``--update --add`` can add to full parts.
+GROUPS = {"repair": (REPAIR, TOLD), "deletion": (DELETION, CLP_DEL)}
 #: Methods compared with ICP in the paired per-seed differences.
 BASELINES = ("ERM", "ERM + k epochs CE", "CDA", "CLP", "DFR", "JTT", "random prune + same steps")
 METRICS = ("acc", "bal_acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp")
 #: Arguments that say which jobs a process ran, not how (and paths): parts may differ in these.
-RUN_ONLY_ARGS = ("seeds", "threads", "save_models", "out", "combine", "force", "update", "quick", "gap_cause")
+RUN_ONLY_ARGS = (
+    "seeds",
+    "threads",
+    "save_models",
+    "out",
+    "combine",
+    "force",
+    "update",
+    "add",
+    "quick",
+    "gap_cause",
+)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -476,6 +494,18 @@ def repair(model: torch.nn.Module, words: list[tuple[int, ...]], loader: Batches
         mask_input_tokens(model, words, pad, mode="delete")
 
 
+def deletion_rows(rows: Rows, tokenizer: Any, max_length: int) -> Rows:
+    """``rows`` with x' = x with its identity words deleted (:func:`~icp_lightning.identity_terms.
+    delete_identity_words`), paired where that changes the text: the counterfactual the FPR gap needs (a swap
+    keeps a mention)."""
+    from icp_lightning.identity_terms import delete_identity_words
+
+    texts = [delete_identity_words(t) for t in rows.texts]
+    cf = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return Rows(rows.ids, list(cf), rows.labels, rows.identity, [int(c != t) for c, t in zip(texts, rows.texts)],
+                rows.texts)  # fmt: skip
+
+
 def pick_icp(run: Runner, candidates: list[str]) -> str:
     """``ICP (val-selected)``: the candidate with the smallest val |FPR gap| + flip rate within 1 point of ERM's
     val accuracy (:func:`select`); its row, costs and removals are copied under :data:`ICP_MAIN`."""
@@ -577,9 +607,47 @@ def save_model(model: torch.nn.Module, data: Data, root: Path, seed: int, name: 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def run_seed(seed: int, args: argparse.Namespace, only: bool = False) -> dict[str, Any]:
-    """Every method on one seed; ``only``: ERM and the repair rows (:data:`REPAIR`, :data:`TOLD`), to rerun them
-    into a full part (:func:`merge_repair`)."""
+def run_deletion(run: Runner, data: Data, args: argparse.Namespace, seed: int,
+                 loader: Callable[[str, Rows], Batches]) -> None:  # fmt: skip
+    """:data:`DELETION` and :data:`CLP_DEL`: ICP's attribution (:func:`icp_scores`) and contrastive epoch with x'
+    = x with its identity words deleted; k and the score chosen on val (the smallest val |FPR gap| within 1
+    point of ERM's val accuracy, pruning only, as for the swap rows)."""
+    t0 = time.perf_counter()
+    tok = data.tokenizer
+    dele = dataclasses.replace(data, train=deletion_rows(data.train, tok, args.max_length))
+    scores = icp_scores(run.erm, dele, args, seed)
+    cands: dict[str, dict[str, float]] = {}
+    for kind in ("pairs", "contrast"):
+        for k in args.prune_k:
+            m = copy.deepcopy(run.erm)
+            prune_heads(m, scores["sites"], scores[kind], k)
+            row = evaluate(m, data.val, data)
+            cands[f"{kind}:{k}"] = dict(row, abs_gap=abs(row["fpr_gap"]))
+    choice = select(cands, run.val["ERM"], key="abs_gap")
+    t_attr = time.perf_counter() - t0
+    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    print(f"F seed {seed} deletion choice on val: {choice} ({t_attr:.0f}s)", flush=True)
+
+    def icp(m: torch.nn.Module) -> None:
+        heads = prune_heads(m, scores["sites"], scores[kind], k)
+        run.removed[DELETION] = {
+            "heads": [[n, i] for n, i in heads],
+            "score": kind,
+            "k": k,
+            "val_candidates": cands,
+        }
+        train(m, loader(DELETION, dele.train), args.extra_epochs, args.lr, kl_loss(args.kl),
+              seed=method_seed(seed, DELETION))  # fmt: skip
+
+    run.cont(DELETION, icp)
+    run.costs[DELETION]["seconds"] += t_attr
+    run.cont(CLP_DEL, lambda m: train(m, loader(CLP_DEL, dele.train), args.extra_epochs, args.lr, kl_loss(args.kl),
+                                      seed=method_seed(seed, CLP_DEL)))  # fmt: skip
+
+
+def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every method on one seed; ``only``: ERM and the rows of those :data:`GROUPS`, to add them to a full part
+    (:func:`merge_rows`)."""
     data = load_data(args, seed)
     pad = data.tokenizer.pad_token_id
     lr, extra = args.lr, args.extra_epochs
@@ -598,19 +666,22 @@ def run_seed(seed: int, args: argparse.Namespace, only: bool = False) -> dict[st
     run.record("ERM", erm, time.perf_counter() - t0, mem.peak, val=True)
     balanced = group_balanced(data.heldout, seed)
 
-    t0 = time.perf_counter()
-    found = discover_words(erm, data, seed)
-    t_disc = time.perf_counter() - t0
-    print(f"F seed {seed} discovered {found['text']} ({t_disc:.0f}s)", flush=True)
-    run.removed[REPAIR] = {"words": found["text"], "token_ids": [list(w) for w in found["words"]],
-                           "found": found["found"]}  # fmt: skip
-    run.cont(REPAIR, lambda m: repair(m, found["words"], loader(REPAIR), extra, lr, pad, method_seed(seed, REPAIR)),
-             val=True)  # fmt: skip
-    run.costs[REPAIR]["seconds"] += t_disc
-    told = lexicon_words(data.tokenizer)
-    run.removed[TOLD] = {"words": len(told)}
-    run.cont(TOLD, lambda m: repair(m, told, loader(TOLD), extra, lr, pad, method_seed(seed, TOLD)))
-    if only:
+    if only is None or "repair" in only:
+        t0 = time.perf_counter()
+        found = discover_words(erm, data, seed)
+        t_disc = time.perf_counter() - t0
+        print(f"F seed {seed} discovered {found['text']} ({t_disc:.0f}s)", flush=True)
+        run.removed[REPAIR] = {"words": found["text"], "token_ids": [list(w) for w in found["words"]],
+                               "found": found["found"]}  # fmt: skip
+        run.cont(REPAIR, lambda m: repair(m, found["words"], loader(REPAIR), extra, lr, pad,
+                                          method_seed(seed, REPAIR)), val=True)  # fmt: skip
+        run.costs[REPAIR]["seconds"] += t_disc
+        told = lexicon_words(data.tokenizer)
+        run.removed[TOLD] = {"words": len(told)}
+        run.cont(TOLD, lambda m: repair(m, told, loader(TOLD), extra, lr, pad, method_seed(seed, TOLD)))
+    if only is None or "deletion" in only:
+        run_deletion(run, data, args, seed, loader)
+    if only is not None:
         return {
             "seed": seed,
             "results": run.results,
@@ -713,10 +784,10 @@ def run_seed(seed: int, args: argparse.Namespace, only: bool = False) -> dict[st
     }  # fmt: skip
 
 
-def merge_repair(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[str, Any]:
-    """``part`` (a full run of one seed) with the repair rows of ``res`` (``run_seed(..., only=True)``) put in and
-    ``ICP (val-selected)`` chosen again on val among pruning, pruning + refit and the repair. Sound because each
-    method draws from its own seeds; checked: ERM's row must be the same in both.
+def merge_rows(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[str, Any]:
+    """``part`` (a full run of one seed) with the rows of ``res`` (``run_seed(..., only=...)``) put in; when they
+    hold the repair, ``ICP (val-selected)`` is chosen again on val among pruning, pruning + refit and the repair.
+    Sound because each method draws from its own seeds; checked: ERM's row must be the same in both.
 
     Raises:
         ValueError: ERM's rows differ (the runs differ in more than the methods added)."""
@@ -726,6 +797,10 @@ def merge_repair(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[s
     previous = {"results": out["results"].get(ICP_MAIN), "picked": out["icp_choice"]["picked"]}
     for key in ("results", "val", "costs", "removed"):
         out[key].update({k: v for k, v in res[key].items() if k != "ERM"})
+    added = [k for k in res["results"] if k != "ERM"]
+    if REPAIR not in added:
+        out.setdefault("updates", []).append({"added": added, "note": note, "previous": previous})
+        return out
     prune = [n for n in out["results"] if n.startswith("ICP prune")]
     run = argparse.Namespace(results=out["results"], val=out["val"], costs=out["costs"])
     picked = pick_icp(run, [*prune, REPAIR])  # type: ignore[arg-type]
@@ -735,7 +810,7 @@ def merge_repair(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[s
         ]
     out["removed"][ICP_MAIN] = dict(out["removed"][picked], variant=picked)
     out["icp_choice"]["picked"] = picked
-    out.setdefault("updates", []).append({"added": [REPAIR, TOLD], "note": note, "previous": previous})
+    out.setdefault("updates", []).append({"added": added, "note": note, "previous": previous})
     return out
 
 
@@ -942,23 +1017,17 @@ def gap_cause(models: Path, seeds: list[int], out: Path, max_length: int) -> dic
     """Where the FPR gap comes from: the false-positive rate of each saved model on the test noHate sentences that
     mention an identity term, as they are, with their identity words swapped (the CDA/CLP/ICP pairs) and with
     them deleted, beside the rate on noHate sentences without a mention. Reads ``--save-models`` folders."""
-    import re
-
     import transformers
 
-    from icp_lightning.identity_terms import identity_words
+    from icp_lightning.identity_terms import delete_identity_words
     from icp_lightning.recipes_bias import hate_speech
 
-    words = sorted(identity_words(), key=len, reverse=True)
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
     test = hate_speech(seed=0)["test"]
     neg = [r for r in test if r["label"] == 0]
     sets = {
         "noHate, mention": [r["text"] for r in neg if r["identity"]],
         "same, identity words swapped": [r["cf_text"] for r in neg if r["identity"]],
-        "same, identity words deleted": [
-            " ".join(pattern.sub("", r["text"]).split()) for r in neg if r["identity"]
-        ],
+        "same, identity words deleted": [delete_identity_words(r["text"]) for r in neg if r["identity"]],
         "noHate, no mention": [r["text"] for r in neg if not r["identity"]],
     }
     result: dict[str, Any] = {}
@@ -991,8 +1060,11 @@ def main() -> None:
     p.add_argument("--combine", action="store_true", help="only rebuild the report from the parts")
     p.add_argument("--force", action="store_true", help="rerun seeds whose part exists")
     p.add_argument("--update", default=None, metavar="NOTE",
-                   help="run ERM and the repair rows only and merge them into the existing full parts (ERM must "
+                   help="run ERM and the --add rows only and merge them into the existing full parts (ERM must "
                         "match); NOTE says why, in the report")  # fmt: skip
+    p.add_argument(
+        "--add", nargs="+", choices=list(GROUPS), default=["repair"], help="the row groups --update adds"
+    )
     p.add_argument("--save-models", default=None, help="folder for each method's final model per seed")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--train", type=int, default=600, help="training sentences (of 1,514)")
@@ -1033,7 +1105,7 @@ def main() -> None:
                           and old["args"].get(k) != vars(args).get(k)}  # fmt: skip
                 if differ:
                     raise SystemExit(f"--update: {path} was run with other arguments: {sorted(differ)}")
-                write_atomic(path, json.dumps(merge_repair(old, run_seed(seed, args, only=True), args.update),
+                write_atomic(path, json.dumps(merge_rows(old, run_seed(seed, args, only=tuple(args.add)), args.update),
                                               indent=1, default=str))  # fmt: skip
                 continue
             if path.exists() and not args.force:
@@ -1042,7 +1114,9 @@ def main() -> None:
             t0 = time.perf_counter()
             res = run_seed(seed, args)
             res["seconds_total"] = time.perf_counter() - t0
-            res["args"] = {k: v for k, v in vars(args).items() if k not in ("combine", "force", "update")}
+            res["args"] = {
+                k: v for k, v in vars(args).items() if k not in ("combine", "force", "update", "add")
+            }
             write_atomic(path, json.dumps(res, indent=1, default=str))
             print(f"seed {seed} done in {res['seconds_total']:.0f}s -> {path}", flush=True)
     combine(out, args)

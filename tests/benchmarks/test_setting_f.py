@@ -311,7 +311,7 @@ def test_merge_repair_adds_rows_and_picks_icp_again_on_val() -> None:
     res = {"results": {"ERM": row(0.8, 0.3, 0.1), sf.REPAIR: row(0.81, 0.05, 0.0), sf.TOLD: row(0.79, 0.0, 0.0)},
            "val": {"ERM": row(0.8, 0.3, 0.1), sf.REPAIR: row(0.80, 0.1, 0.0)},
            "costs": {sf.REPAIR: cost, sf.TOLD: cost}, "removed": {sf.REPAIR: {"words": ["x"]}, sf.TOLD: {}}}  # fmt: skip
-    out = sf.merge_repair(part, res, "why")
+    out = sf.merge_rows(part, res, "why")
     # val: refit is 10 points below ERM, kl has gap+flip 0.25, the repair 0.1: the repair is picked
     assert (
         out["icp_choice"]["picked"] == sf.REPAIR and out["results"][sf.ICP_MAIN] == res["results"][sf.REPAIR]
@@ -323,7 +323,33 @@ def test_merge_repair_adds_rows_and_picks_icp_again_on_val() -> None:
                                "previous": {"results": part["results"][sf.ICP_MAIN], "picked": kl}}]  # fmt: skip
     worse = json.loads(json.dumps(res))
     worse["val"][sf.REPAIR] = row(0.80, 0.3, 0.2)
-    again = sf.merge_repair(part, worse, "why")
+    again = sf.merge_rows(part, worse, "why")
     assert again["icp_choice"]["picked"] == kl and again["costs"][sf.ICP_MAIN]["seconds"] == 6.0
     with pytest.raises(ValueError, match="ERM's row differs"):
-        sf.merge_repair(part, {**res, "results": {"ERM": row(0.5, 0.3, 0.1)}}, "why")
+        sf.merge_rows(part, {**res, "results": {"ERM": row(0.5, 0.3, 0.1)}}, "why")
+
+
+def test_deletion_rows_pair_each_sentence_with_its_identity_words_deleted() -> None:
+    class _Tok:
+        def __call__(self, texts: list[str], truncation: bool, max_length: int) -> dict[str, list[list[int]]]:
+            return {"input_ids": [[len(w) for w in t.split()][:max_length] for t in texts]}
+
+    texts = ["the jews are here", "nothing to see", "muslims and gays"]
+    rows = sf.Rows([[1], [2], [3]], [[9], [9], [9]], [1, 0, 1], [1, 0, 1], [1, 0, 1], texts)
+    out = sf.deletion_rows(rows, _Tok(), 8)
+    assert out.ids == rows.ids and out.labels == rows.labels and out.texts == texts
+    assert out.cf_ids == [[3, 3, 4], [7, 2, 3], [3]]  # "the are here", unchanged, "and"
+    assert out.paired == [1, 0, 1]
+
+
+def test_merge_rows_without_the_repair_only_adds_rows() -> None:
+    cost = {"seconds": 1.0, "peak_rss_mb": 1.0}
+    erm = {"acc": 0.8, "fpr_gap": 0.3, "flip_rate": 0.1}
+    part = {"results": {"ERM": erm, sf.ICP_MAIN: dict(erm, acc=0.7)}, "val": {"ERM": erm}, "costs": {},
+            "removed": {}, "icp_choice": {"picked": "x"}}  # fmt: skip
+    res = {"results": {"ERM": erm, sf.DELETION: dict(erm, acc=0.75), sf.CLP_DEL: dict(erm, acc=0.76)},
+           "val": {"ERM": erm}, "costs": {sf.DELETION: cost, sf.CLP_DEL: cost}, "removed": {sf.DELETION: {"k": 6}}}  # fmt: skip
+    out = sf.merge_rows(part, res, "deletion pairs")
+    assert out["results"][sf.ICP_MAIN] == part["results"][sf.ICP_MAIN] and out["icp_choice"]["picked"] == "x"
+    assert out["results"][sf.DELETION]["acc"] == 0.75 and out["removed"][sf.DELETION] == {"k": 6}
+    assert out["updates"][-1]["added"] == [sf.DELETION, sf.CLP_DEL]
