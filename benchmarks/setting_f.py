@@ -883,36 +883,39 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         return diffs
 
     diffs = paired(ICP_MAIN)
-    repair_diffs = paired(REPAIR) if REPAIR in table and len(table[REPAIR]["acc"]) == len(runs) else {}
 
-    erm_flip, icp_flip = per_seed("ERM", "flip_rate"), per_seed(ICP_MAIN, "flip_rate")
-    erm_gap, icp_gap = (
-        [abs(x) for x in per_seed("ERM", "fpr_gap")],
-        [abs(x) for x in per_seed(ICP_MAIN, "fpr_gap")],
-    )
-    erm_acc, icp_acc = per_seed("ERM", "acc"), per_seed(ICP_MAIN, "acc")
-    targets = {
-        "flip rate at most half of ERM's (mean)": [statistics.mean(icp_flip), statistics.mean(erm_flip) / 2,
-                                                    statistics.mean(icp_flip) <= statistics.mean(erm_flip) / 2],
-        "abs. FPR gap at most half of ERM's (mean)": [statistics.mean(icp_gap), statistics.mean(erm_gap) / 2,
-                                                    statistics.mean(icp_gap) <= statistics.mean(erm_gap) / 2],
-        "accuracy within 1 point of ERM's (mean)": [statistics.mean(icp_acc), statistics.mean(erm_acc) - 0.01,
-                                                     statistics.mean(icp_acc) >= statistics.mean(erm_acc) - 0.01],
-    }  # fmt: skip
-    for base in ("CDA", "CLP"):
-        if base not in table:
-            continue
-        gap_d = [x - abs(y) for x, y in zip(icp_gap, per_seed(base, "fpr_gap"))]
-        acc_d = [x - y for x, y in zip(icp_acc, per_seed(base, "acc"))]
-        wins = sum(1 for g, a in zip(gap_d, acc_d) if g < 0 and a >= 0)
-        targets[f"abs. FPR gap below {base}'s at equal or better accuracy (seeds of {len(runs)})"] = [
-            wins,
-            4,
-            wins >= min(4, len(runs)),
-        ]
+    def targets_for(icp: str) -> dict[str, list[Any]]:
+        erm_flip, icp_flip = per_seed("ERM", "flip_rate"), per_seed(icp, "flip_rate")
+        erm_gap = [abs(x) for x in per_seed("ERM", "fpr_gap")]
+        icp_gap = [abs(x) for x in per_seed(icp, "fpr_gap")]
+        erm_acc, icp_acc = per_seed("ERM", "acc"), per_seed(icp, "acc")
+        mean = statistics.mean
+        out: dict[str, list[Any]] = {
+            "flip rate at most half of ERM's (mean)": [mean(icp_flip), mean(erm_flip) / 2,
+                                                        mean(icp_flip) <= mean(erm_flip) / 2],
+            "abs. FPR gap at most half of ERM's (mean)": [mean(icp_gap), mean(erm_gap) / 2,
+                                                        mean(icp_gap) <= mean(erm_gap) / 2],
+            "accuracy within 1 point of ERM's (mean)": [mean(icp_acc), mean(erm_acc) - 0.01,
+                                                         mean(icp_acc) >= mean(erm_acc) - 0.01],
+        }  # fmt: skip
+        for base in ("CDA", "CLP"):
+            if base not in table:
+                continue
+            gap_d = [x - abs(y) for x, y in zip(icp_gap, per_seed(base, "fpr_gap"))]
+            acc_d = [x - y for x, y in zip(icp_acc, per_seed(base, "acc"))]
+            wins = sum(1 for g, a in zip(gap_d, acc_d) if g < 0 and a >= 0)
+            out[f"abs. FPR gap below {base}'s at equal or better accuracy (seeds of {len(runs)})"] = [
+                wins, 4, wins >= min(4, len(runs))
+            ]  # fmt: skip
+        return out
+
+    targets = targets_for(ICP_MAIN)
+    full = [n for n in (REPAIR, DELETION) if n in table and len(table[n]["acc"]) == len(runs)]
+    more = {n: targets_for(n) for n in full}
+    other_diffs = {n: paired(n) for n in full}
 
     summary = {"seeds": seeds, "args": runs[0].get("args"), "table": table, "costs": costs, "paired": diffs,
-               "paired_repair": repair_diffs,
+               "paired_other_rows": other_diffs, "targets_other_rows": more,
                "targets": targets, "icp_choices": {r["seed"]: r["icp_choice"] for r in runs},
                "sizes": runs[0]["sizes"], "reference_p_hate_given_mention": [r["reference_p_hate_given_mention"]
                                                                            for r in runs],
@@ -942,9 +945,7 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {bold}{name}{bold} | " + " | ".join(_ms(row[m]) for m in METRICS) + f" | {sec} | {mb} |"
         )
-    for key, icp in (("paired", ICP_MAIN), ("paired_repair", REPAIR)):
-        if not s.get(key):
-            continue
+    for icp, table in {ICP_MAIN: s["paired"], **s.get("paired_other_rows", {})}.items():
         lines += [
             "",
             f"## Paired per-seed differences ({icp} minus baseline; |FPR gap| compared)",
@@ -952,17 +953,24 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             "| baseline | acc | flip rate | abs change p | abs FPR gap | bias amp. |",
             "|---|---|---|---|---|---|",
         ]
-        for base, d in s[key].items():
+        for base, d in table.items():
             cells = []
             for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
                 vals = d[m]["icp_minus_base"]
                 cells.append(f"{_ms(vals)} ({d[m]['wins']}/{len(vals)} better) [" +
                              ", ".join(f"{v:+.3f}" for v in vals) + "]")  # fmt: skip
             lines.append(f"| {base} | " + " | ".join(cells) + " |")
-    lines += ["", "## Targets", "", "| target | ICP | threshold | met |", "|---|---|---|---|"]
-    for t, (v, thr, ok) in s["targets"].items():
-        lines.append(f"| {t} | {v:.3f} | {thr:.3f} | {'yes' if ok else 'no'} |" if isinstance(v, float)
-                     else f"| {t} | {v} | {thr} | {'yes' if ok else 'no'} |")  # fmt: skip
+    for name, targets in {ICP_MAIN: s["targets"], **s.get("targets_other_rows", {})}.items():
+        lines += [
+            "",
+            f"## Targets for {name}",
+            "",
+            "| target | value | threshold | met |",
+            "|---|---|---|---|",
+        ]
+        for t, (v, thr, ok) in targets.items():
+            lines.append(f"| {t} | {v:.3f} | {thr:.3f} | {'yes' if ok else 'no'} |" if isinstance(v, float)
+                         else f"| {t} | {v} | {thr} | {'yes' if ok else 'no'} |")  # fmt: skip
     lines += ["", "## ICP's choices (validation split only)", ""]
     for seed, ch in s["icp_choices"].items():
         lines.append(
@@ -977,14 +985,17 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         if rep is not None:
             lines.append(f"- seed {r['seed']}: `{ICP_MAIN}` = `{r['icp_choice']['picked']}`; token discovery (told "
                          f"nothing) named {rep['words'] or 'no word'}")  # fmt: skip
-    ups = [(r["seed"], u) for r in runs for u in r.get("updates", [])]
-    if ups:
-        prev = [u["previous"]["results"] for _, u in ups if u["previous"].get("results")]
-        lines += ["", f"**Rows added with `--update`** (seeds {[sd for sd, _ in ups]}): {', '.join(ups[-1][1]['added'])}"
-                  f", because: {ups[-1][1]['note']}. ERM's row of each rerun matched the full run's exactly; "
-                  f"`{ICP_MAIN}` was chosen again on val. Before: picked {[u['previous']['picked'] for _, u in ups]}; "
-                  + ", ".join(f"{m} {_ms([p[m] for p in prev])}" for m in ("acc", "flip_rate", "fpr_gap"))
-                  + "."]  # fmt: skip
+    notes = dict.fromkeys(u["note"] for r in runs for u in r.get("updates", []))
+    for note in notes:
+        ups = [(r["seed"], u) for r in runs for u in r.get("updates", []) if u["note"] == note]
+        line = (f"**Rows added with `--update`** (seeds {[sd for sd, _ in ups]}): {', '.join(ups[-1][1]['added'])}, "
+                f"because: {note}. ERM's row of each rerun matched the full run's exactly.")  # fmt: skip
+        if any(sf_added == REPAIR for _, u in ups for sf_added in u["added"]):
+            prev = [u["previous"]["results"] for _, u in ups if u["previous"].get("results")]
+            line += (f" `{ICP_MAIN}` was chosen again on val. Before: picked "
+                     f"{[u['previous']['picked'] for _, u in ups]}; "
+                     + ", ".join(f"{m} {_ms([p[m] for p in prev])}" for m in ("acc", "flip_rate", "fpr_gap")) + ".")  # fmt: skip
+        lines += ["", line]
     lines.append("")
     return "\n".join(lines)
 

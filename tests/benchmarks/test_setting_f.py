@@ -211,7 +211,8 @@ def test_combine_builds_the_report_from_parts(tmp_path: Path) -> None:
         part = {"seed": seed, "results": {n: res(seed, 0.1 if n == "ERM" else 0.0) for n in names},
                 "costs": {n: {"seconds": 1.0, "peak_rss_mb": 10.0} for n in names},
                 "icp_choice": {"score": "pairs", "k": 6, "refit": False, "val_candidates": {}},
-                "sizes": {}, "reference_p_hate_given_mention": 0.7, "removed": {}}  # fmt: skip
+                "sizes": {}, "reference_p_hate_given_mention": 0.7, "removed": {},
+                "updates": [{"added": [sf.CLP_DEL], "note": "a second counterfactual", "previous": {}}]}  # fmt: skip
         sf.write_atomic(sf.part_path(tmp_path, seed), json.dumps(part))
     summary = sf.combine(tmp_path, argparse.Namespace())
     assert summary["seeds"] == [0, 1]
@@ -219,6 +220,9 @@ def test_combine_builds_the_report_from_parts(tmp_path: Path) -> None:
     assert d["icp_minus_base"] == pytest.approx([-0.1, -0.1]) and d["wins"] == 2
     assert (tmp_path / "setting_f.md").is_file() and (tmp_path / "setting_f.png").is_file()
     assert "ICP prune k heads + KL epoch" in summary["table"]
+    md = (tmp_path / "setting_f.md").read_text()
+    assert md.count("because: a second counterfactual") == 1 and "(seeds [0, 1])" in md
+    assert "## Targets for ICP (val-selected)" in md
 
 
 def test_gap_cause_scores_saved_models_on_the_four_sets(tmp_path: Path) -> None:
