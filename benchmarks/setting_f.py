@@ -79,7 +79,17 @@ CLP_DEL = "CLP, deletion pairs (KL alone)"
 #: Row groups ``--update --add`` can add to full parts.
 GROUPS = {"repair": (REPAIR, TOLD), "deletion": (DELETION, CLP_DEL)}
 #: Methods compared with ICP in the paired per-seed differences.
-BASELINES = ("ERM", "ERM + k epochs CE", "CDA", "CLP", "DFR", "JTT", "random prune + same steps")
+BASELINES = (
+    "ERM",
+    "ERM + k epochs CE",
+    "CDA",
+    "CLP",
+    "DFR",
+    "JTT",
+    "random prune + same steps",
+    "CLP, deletion pairs (KL alone)",
+    "told lexicon: identity words deleted + CE/KL epoch",
+)
 METRICS = ("acc", "bal_acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp")
 #: Arguments that say which jobs a process ran, not how (and paths): parts may differ in these.
 RUN_ONLY_ARGS = (
@@ -869,7 +879,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     def paired(icp: str) -> dict[str, dict[str, Any]]:
         diffs: dict[str, dict[str, Any]] = {}
         for base in BASELINES:
-            if base not in table:
+            if base not in table or base == icp or len(table[base]["acc"]) != len(runs):
                 continue
             d = {}
             for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
