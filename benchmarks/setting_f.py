@@ -29,7 +29,14 @@ budget; every method seeds its own generators, so a row does not depend on which
   the label, from mask effects on training sentences); prune the top-k heads (k and the score chosen on ``val``:
   the smallest val |change in p| with val accuracy within 1 point of ERM's); one contrastive epoch (CE + lambda
   KL on the pairs); then the head refit on the held-out split and its counterfactuals, kept only if ``val`` says
-  so ("ICP (val-selected)" is the row the targets use).
+  so ("ICP (val-selected)" is the row the targets use; it also weighs the repair below, on val);
+- ICP repair (:func:`repair`): the words :func:`icp_lightning.find_shortcut_words` names told nothing (training
+  sample vs the group-balanced held-out split) deleted: one epoch of CE on x without them + KL to x, then deleted
+  from every input at inference, as in settings A-C; and the told reference, every identity word of the lexicon
+  deleted the same way (a saved model's manifest lists the ``token_ids`` to delete after loading);
+- ICP deletion (:func:`run_deletion`): attribution and KL on x vs x with its identity words deleted (mention vs
+  no mention), k and score on val by |FPR gap|; and CLP on the same deletion pairs (no pruning). Added after the
+  other rows were seen (``--update NOTE --add deletion``), so not a candidate of "ICP (val-selected)".
 
 Run ``python -m benchmarks.setting_f --threads 1`` (5 seeds; each seed's part is written atomically to
 ``benchmarks/results/parts/setting_f/``, finished seeds are skipped unless ``--force``), ``--combine`` (rebuild
@@ -76,6 +83,8 @@ TOLD = "told lexicon: identity words deleted + CE/KL epoch"
 #: ablation without pruning; neither is a candidate of ``ICP (val-selected)`` (added after its rows were seen).
 DELETION = "ICP deletion: prune k heads (deletion pairs) + deletion-KL epoch"
 CLP_DEL = "CLP, deletion pairs (KL alone)"
+#: What a saved repair model needs after ``from_pretrained`` (the deletion is an input hook, not a weight).
+DELETE_NOTE = "icp_lightning.mask_input_tokens(model, token_ids, tokenizer.pad_token_id, mode='delete')"
 #: Row groups ``--update --add`` can add to full parts.
 GROUPS = {"repair": (REPAIR, TOLD), "deletion": (DELETION, CLP_DEL)}
 #: Methods compared with ICP in the paired per-seed differences.
@@ -682,12 +691,16 @@ def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None =
         t_disc = time.perf_counter() - t0
         print(f"F seed {seed} discovered {found['text']} ({t_disc:.0f}s)", flush=True)
         run.removed[REPAIR] = {"words": found["text"], "token_ids": [list(w) for w in found["words"]],
-                               "found": found["found"]}  # fmt: skip
+                               "found": found["found"], "inference": DELETE_NOTE}  # fmt: skip
         run.cont(REPAIR, lambda m: repair(m, found["words"], loader(REPAIR), extra, lr, pad,
                                           method_seed(seed, REPAIR)), val=True)  # fmt: skip
         run.costs[REPAIR]["seconds"] += t_disc
         told = lexicon_words(data.tokenizer)
-        run.removed[TOLD] = {"words": len(told)}
+        run.removed[TOLD] = {
+            "words": len(told),
+            "token_ids": [list(w) for w in told],
+            "inference": DELETE_NOTE,
+        }
         run.cont(TOLD, lambda m: repair(m, told, loader(TOLD), extra, lr, pad, method_seed(seed, TOLD)))
     if only is None or "deletion" in only:
         run_deletion(run, data, args, seed, loader)
@@ -994,7 +1007,7 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         ups = [(r["seed"], u) for r in runs for u in r.get("updates", []) if u["note"] == note]
         line = (f"**Rows added with `--update`** (seeds {[sd for sd, _ in ups]}): {', '.join(ups[-1][1]['added'])}, "
                 f"because: {note}. ERM's row of each rerun matched the full run's exactly.")  # fmt: skip
-        if any(sf_added == REPAIR for _, u in ups for sf_added in u["added"]):
+        if any(REPAIR in u["added"] for _, u in ups):
             prev = [u["previous"]["results"] for _, u in ups if u["previous"].get("results")]
             line += (f" `{ICP_MAIN}` was chosen again on val. Before: picked "
                      f"{[u['previous']['picked'] for _, u in ups]}; "
