@@ -256,7 +256,7 @@ def confirm_tokens(
         ``discovered`` set by this rule (non-candidates stay undiscovered, unmeasured).
 
     Raises:
-        ValueError: ``min_present < 1``.
+        ValueError: ``min_present < 1`` or ``min_contrast < 0`` (:func:`check_rule`).
     """
     check_rule(min_present=min_present, min_contrast=min_contrast)
     words = [d.token_ids for d in found if d.discovered]
