@@ -1050,15 +1050,11 @@ def targets(setting: str, s: dict[str, dict[str, list[float]]], per_seed: list[d
 def discovery_cause(setting: str, per_seed: list[dict[str, Any]]) -> str:
     """What token discovery named, per seed, against what was planted (A: the token, C: the 16 names; B: nothing
     planted): the measured cause to read beside a missed repair target."""
-    found = [{d["token"] for d in r.get("discovered", []) if d["discovered"]} for r in per_seed]
-    before = [[u for u in r.get("updates", []) if "previous_discovered" in u] for r in per_seed]
-    old = [{d["token"] for d in u[-1]["previous_discovered"] if d["discovered"]} for u in before if u]
-    if setting == "C" and old:
-        planted = set(MALE) | set(FEMALE)
-        was = [len(f & planted) for f in old]
-        return discovery_cause(setting, [{"discovered": r.get("discovered", [])} for r in per_seed]) + (
-            f" Before the last `--update` (the rule it replaced): {was} per seed ({sum(was)} of "
-            f"{len(planted) * len(was)}).")  # fmt: skip
+
+    def named(discovered: list[dict[str, Any]]) -> set[str]:
+        return {d["token"] for d in discovered if d["discovered"]}
+
+    found = [named(r.get("discovered", [])) for r in per_seed]
     if setting == "A":
         hits = sum(TOKEN in f for f in found)
         return (f"Cause to read beside the targets: discovery named `{TOKEN}` on {hits} of {len(found)} seeds "
@@ -1066,9 +1062,15 @@ def discovery_cause(setting: str, per_seed: list[dict[str, Any]]) -> str:
     if setting == "C":
         planted = set(MALE) | set(FEMALE)
         per = [len(f & planted) for f in found]
-        return (f"Cause to read beside the targets: discovery named {per} of the {len(planted)} planted names per "
+        line = (f"Cause to read beside the targets: discovery named {per} of the {len(planted)} planted names per "
                 f"seed ({sum(per)} of {len(planted) * len(found)}); repair retrains on sentences that still hold "
                 "the others.")  # fmt: skip
+        before = [[u for u in r.get("updates", []) if "previous_discovered" in u] for r in per_seed]
+        was = [len(named(u[-1]["previous_discovered"]) & planted) for u in before if u]
+        if was:
+            line += (f" Before the last `--update` (the rule it replaced): {was} per seed ({sum(was)} of "
+                     f"{len(planted) * len(was)}).")  # fmt: skip
+        return line
     none = sum(not f for f in found)
     return (
         f"Cause to read beside the targets: discovery named no word on {none} of {len(found)} seeds; there, "

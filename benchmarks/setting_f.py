@@ -525,16 +525,24 @@ def deletion_rows(rows: Rows, tokenizer: Any, max_length: int) -> Rows:
                 rows.texts)  # fmt: skip
 
 
-def pick_icp(run: Runner, candidates: list[str]) -> str:
-    """``ICP (val-selected)``: the candidate with the smallest val |FPR gap| + flip rate within 1 point of ERM's
-    val accuracy (:func:`select`); its row, costs and removals are copied under :data:`ICP_MAIN`."""
-    two = {
-        n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"]) for n in candidates
-    }
-    picked = select(two, run.val["ERM"], key="gap_flip")
+def select_gap_flip(val: dict[str, dict[str, float]], candidates: list[str]) -> str:
+    """The candidate with the smallest val |FPR gap| + flip rate within 1 point of ERM's val accuracy
+    (:func:`select`)."""
+    rows = {n: dict(val[n], gap_flip=abs(val[n]["fpr_gap"]) + val[n]["flip_rate"]) for n in candidates}
+    return select(rows, val["ERM"], key="gap_flip")
+
+
+def pick_icp(run: Runner, candidates: list[str], attribution_seconds: float) -> str:
+    """``ICP (val-selected)``: :func:`select_gap_flip` among ``candidates``; its row, val row, costs (plus the
+    pruning rows' shared ``attribution_seconds``; the repair's own cost holds its discovery) and removals are
+    copied under :data:`ICP_MAIN`."""
+    picked = select_gap_flip(run.val, candidates)
     run.results[ICP_MAIN] = dict(run.results[picked])
     run.val[ICP_MAIN] = dict(run.val[picked])
     run.costs[ICP_MAIN] = dict(run.costs[picked])
+    if picked != REPAIR:
+        run.costs[ICP_MAIN]["seconds"] += attribution_seconds
+    run.removed[ICP_MAIN] = dict(run.removed[picked], variant=picked)
     return picked
 
 
@@ -772,12 +780,8 @@ def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None =
     run.costs[name_refit]["seconds"] += run.costs[name_kl]["seconds"]
     # the smaller val (|FPR gap| + flip rate) of pruning, pruning + refit and the repair, within 1 point of ERM's
     # val accuracy; the random row copies the refit choice of the two pruning ones
-    do_refit = select({n: dict(run.val[n], gap_flip=abs(run.val[n]["fpr_gap"]) + run.val[n]["flip_rate"])
-                       for n in (name_kl, name_refit)}, run.val["ERM"], key="gap_flip") == name_refit  # fmt: skip
-    picked = pick_icp(run, [name_kl, name_refit, REPAIR])
-    if picked != REPAIR:
-        run.costs[ICP_MAIN]["seconds"] += t_attr
-    run.removed[ICP_MAIN] = dict(run.removed[picked], variant=picked)
+    do_refit = select_gap_flip(run.val, [name_kl, name_refit]) == name_refit
+    picked = pick_icp(run, [name_kl, name_refit, REPAIR], t_attr)
     print(f"F seed {seed} {ICP_MAIN} = {picked}", flush=True)
     if args.save_models and picked != REPAIR:  # (the repair's own folder is its model)
         save_model(icp_refit if picked == name_refit else icp, data, Path(args.save_models), seed, ICP_MAIN,
@@ -821,18 +825,13 @@ def merge_rows(part: dict[str, Any], res: dict[str, Any], note: str) -> dict[str
     for key in ("results", "val", "costs", "removed"):
         out[key].update({k: v for k, v in res[key].items() if k != "ERM"})
     added = [k for k in res["results"] if k != "ERM"]
-    if REPAIR not in added:
-        out.setdefault("updates", []).append({"added": added, "note": note, "previous": previous})
-        return out
-    prune = [n for n in out["results"] if n.startswith("ICP prune")]
-    run = argparse.Namespace(results=out["results"], val=out["val"], costs=out["costs"])
-    picked = pick_icp(run, [*prune, REPAIR])  # type: ignore[arg-type]
-    if picked != REPAIR:
-        out["costs"][ICP_MAIN]["seconds"] += out["costs"]["ICP attribution + choice of k and score on val"][
-            "seconds"
-        ]
-    out["removed"][ICP_MAIN] = dict(out["removed"][picked], variant=picked)
-    out["icp_choice"]["picked"] = picked
+    if REPAIR in added:
+        prune = [n for n in out["results"] if n.startswith("ICP prune")]
+        run = argparse.Namespace(
+            results=out["results"], val=out["val"], costs=out["costs"], removed=out["removed"]
+        )
+        attribution = out["costs"]["ICP attribution + choice of k and score on val"]["seconds"]
+        out["icp_choice"]["picked"] = pick_icp(run, [*prune, REPAIR], attribution)  # type: ignore[arg-type]
     out.setdefault("updates", []).append({"added": added, "note": note, "previous": previous})
     return out
 
