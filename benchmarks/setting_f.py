@@ -83,10 +83,17 @@ TOLD = "told lexicon: identity words deleted + CE/KL epoch"
 #: ablation without pruning; neither is a candidate of ``ICP (val-selected)`` (added after its rows were seen).
 DELETION = "ICP deletion: prune k heads (deletion pairs) + deletion-KL epoch"
 CLP_DEL = "CLP, deletion pairs (KL alone)"
+#: ICP with both counterfactuals (identity swaps for the flip rate, deletions for the FPR gap) in attribution and
+#: in the KL epoch, lambda chosen on val; and its ablation without pruning. Neither is a candidate of
+#: ``ICP (val-selected)`` (added after its rows were seen).
+BOTH = "ICP both pairs: prune k heads (swap + deletion pairs) + KL epoch, lambda on val"
+CLP_BOTH = "CLP, swap + deletion pairs (KL alone, lambda on val)"
+#: The KL weights ``BOTH`` and ``CLP_BOTH`` choose from on val.
+BOTH_LAMS = (0.25, 1.0)
 #: What a saved repair model needs after ``from_pretrained`` (the deletion is an input hook, not a weight).
 DELETE_NOTE = "icp_lightning.mask_input_tokens(model, token_ids, tokenizer.pad_token_id, mode='delete')"
 #: Row groups ``--update --add`` can add to full parts.
-GROUPS = {"repair": (REPAIR, TOLD), "deletion": (DELETION, CLP_DEL)}
+GROUPS = {"repair": (REPAIR, TOLD), "deletion": (DELETION, CLP_DEL), "both": (BOTH, CLP_BOTH)}
 #: Methods compared with ICP in the paired per-seed differences.
 BASELINES = (
     "ERM",
@@ -97,6 +104,7 @@ BASELINES = (
     "JTT",
     "random prune + same steps",
     "CLP, deletion pairs (KL alone)",
+    "CLP, swap + deletion pairs (KL alone, lambda on val)",
     "told lexicon: identity words deleted + CE/KL epoch",
 )
 METRICS = ("acc", "bal_acc", "flip_rate", "prob_change", "fpr_gap", "bias_amp")
@@ -672,6 +680,75 @@ def run_deletion(run: Runner, data: Data, args: argparse.Namespace, seed: int,
                                       seed=method_seed(seed, CLP_DEL)))  # fmt: skip
 
 
+def both_pairs(rows: Rows, tokenizer: Any, max_length: int) -> Rows:
+    """``rows`` twice: once paired with their identity swaps (the flip rate's counterfactual), once with their
+    identity words deleted (the FPR gap's, :func:`deletion_rows`)."""
+    return rows + deletion_rows(rows, tokenizer, max_length)
+
+
+def fit_lambda(start: torch.nn.Module, lams: tuple[float, ...], fit: Callable[[torch.nn.Module, float], Any],
+               score: Callable[[torch.nn.Module], dict[str, float]], erm_val: dict[str, float],
+               ) -> tuple[torch.nn.Module, float, dict[str, dict[str, float]]]:  # fmt: skip
+    """One copy of ``start`` trained per KL weight (``fit(model, lam)``), scored on val (``score``); returns the
+    copy :func:`select_gap_flip` picks (smallest val |FPR gap| + flip rate within 1 point of ERM's val
+    accuracy), its lambda and every lambda's val row."""
+    models, val = {}, {"ERM": erm_val}
+    for lam in lams:
+        models[str(lam)] = copy.deepcopy(start)
+        fit(models[str(lam)], lam)
+        val[str(lam)] = score(models[str(lam)])
+    pick = select_gap_flip(val, [str(lam) for lam in lams])
+    return models[pick], float(pick), {k: v for k, v in val.items() if k != "ERM"}
+
+
+def run_both(run: Runner, data: Data, args: argparse.Namespace, seed: int,
+             loader: Callable[[str, Rows], Batches]) -> None:  # fmt: skip
+    """:data:`BOTH` and :data:`CLP_BOTH`: the swap pairs and the deletion pairs together (:func:`both_pairs`) for
+    ICP's attribution (:func:`icp_scores`) and for the KL epoch, run over the doubled rows for as many steps as
+    one epoch of the training split (the same budget as every method). k and the score are chosen on val among
+    the pruned models (smallest |FPR gap| + flip rate within 1 point of ERM's val accuracy), then lambda among
+    :data:`BOTH_LAMS` on val the same way (:func:`fit_lambda`); the ablation without pruning chooses its lambda
+    the same way. Seconds include attribution and every candidate trained."""
+    t0 = time.perf_counter()
+    both = both_pairs(data.train, data.tokenizer, args.max_length)
+    epochs = args.extra_epochs * len(data.train) / len(both)
+    scores = icp_scores(run.erm, dataclasses.replace(data, train=both), args, seed)
+    cands: dict[str, dict[str, float]] = {}
+    for kind in ("pairs", "contrast"):
+        for k in args.prune_k:
+            m = copy.deepcopy(run.erm)
+            prune_heads(m, scores["sites"], scores[kind], k)
+            cands[f"{kind}:{k}"] = evaluate(m, data.val, data)
+    choice = select_gap_flip({"ERM": run.val["ERM"], **cands}, list(cands))
+    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    t_attr = time.perf_counter() - t0
+    print(f"F seed {seed} both-pairs choice on val: {choice} ({t_attr:.0f}s)", flush=True)
+
+    for name, prune in ((BOTH, True), (CLP_BOTH, False)):
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            start = copy.deepcopy(run.erm)
+            removed: dict[str, Any] = {}
+            if prune:
+                heads = prune_heads(start, scores["sites"], scores[kind], k)
+                removed = {
+                    "heads": [[n, i] for n, i in heads],
+                    "score": kind,
+                    "k": k,
+                    "val_candidates": cands,
+                }
+
+            def fit(m: torch.nn.Module, lam: float, name: str = name) -> None:
+                train(m, loader(name, both), epochs, args.lr, kl_loss(lam), seed=method_seed(seed, name))
+
+            model, lam, lam_val = fit_lambda(start, BOTH_LAMS, fit, lambda m: evaluate(m, data.val, data),
+                                             run.val["ERM"])  # fmt: skip
+        run.removed[name] = dict(removed, **{"lambda": lam, "val_lambdas": lam_val})
+        seconds = time.perf_counter() - t0 + (t_attr if prune else 0.0)
+        run.record(name, model, seconds, mem.peak, val=True)
+        print(f"F seed {seed} {name}: lambda {lam} on val", flush=True)
+
+
 def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Every method on one seed; ``only``: ERM and the rows of those :data:`GROUPS`, to add them to a full part
     (:func:`merge_rows`)."""
@@ -712,6 +789,8 @@ def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None =
         run.cont(TOLD, lambda m: repair(m, told, loader(TOLD), extra, lr, pad, method_seed(seed, TOLD)))
     if only is None or "deletion" in only:
         run_deletion(run, data, args, seed, loader)
+    if only is None or "both" in only:
+        run_both(run, data, args, seed, loader)
     if only is not None:
         return {
             "seed": seed,
@@ -932,7 +1011,7 @@ def combine(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     targets = targets_for(ICP_MAIN)
-    full = [n for n in (REPAIR, DELETION) if n in table and len(table[n]["acc"]) == len(runs)]
+    full = [n for n in (REPAIR, DELETION, BOTH) if n in table and len(table[n]["acc"]) == len(runs)]
     more = {n: targets_for(n) for n in full}
     other_diffs = {n: paired(n) for n in full}
 
@@ -996,6 +1075,11 @@ def report(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                 f"{n} acc {v['acc']:.3f} |dp| {v['prob_change']:.3f}" for n, v in ch["val_candidates"].items()
             )
         )
+    for r in runs:
+        both = r["removed"].get(BOTH)
+        if both is not None:
+            lines.append(f"- seed {r['seed']}: `{BOTH}`: score `{both['score']}`, k = {both['k']}, lambda "
+                         f"{both['lambda']} (the ablation without pruning: lambda {r['removed'][CLP_BOTH]['lambda']})")  # fmt: skip
     for r in runs:
         rep = r["removed"].get(REPAIR)
         if rep is not None:

@@ -357,3 +357,75 @@ def test_merge_rows_without_the_repair_only_adds_rows() -> None:
     assert out["results"][sf.ICP_MAIN] == part["results"][sf.ICP_MAIN] and out["icp_choice"]["picked"] == "x"
     assert out["results"][sf.DELETION]["acc"] == 0.75 and out["removed"][sf.DELETION] == {"k": 6}
     assert out["updates"][-1]["added"] == [sf.DELETION, sf.CLP_DEL]
+
+
+def test_fit_lambda_returns_the_copy_trained_with_the_lambda_val_picks() -> None:
+    start = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(start.weight)
+
+    def fit(m: torch.nn.Module, lam: float) -> None:
+        with torch.no_grad():
+            m.weight.fill_(lam)  # type: ignore[operator]
+
+    def score(m: torch.nn.Module) -> dict[str, float]:  # val rows by lambda: 0.25 is best but 2 points low
+        lam = float(m.weight.detach())  # type: ignore[operator]
+        return {0.25: {"acc": 0.78, "fpr_gap": 0.0, "flip_rate": 0.0},
+                1.0: {"acc": 0.80, "fpr_gap": -0.2, "flip_rate": 0.05},
+                4.0: {"acc": 0.805, "fpr_gap": 0.3, "flip_rate": 0.0}}[lam]  # fmt: skip
+
+    erm = {"acc": 0.80, "fpr_gap": 0.3, "flip_rate": 0.1}
+    model, lam, val = sf.fit_lambda(start, (0.25, 1.0, 4.0), fit, score, erm)
+    assert lam == 1.0 and float(model.weight) == 1.0  # type: ignore[arg-type]
+    assert float(start.weight) == 0.0 and set(val) == {"0.25", "1.0", "4.0"}  # type: ignore[arg-type]
+    assert val["1.0"] == score(model)
+
+
+def test_run_both_trains_pruned_and_unpruned_copies_for_one_epoch_of_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from icp_lightning.core.masks import get_masks
+
+    class _Tok:  # a word -> id tokenizer over the tiny vocabulary
+        pad_token_id = PAD
+
+        def __call__(self, texts: list[str], truncation: bool, max_length: int) -> dict[str, list[list[int]]]:
+            return {"input_ids": [[1] + [5 + sum(map(ord, w)) % 50 for w in t.split()][: max_length - 2] + [2]
+                                  for t in texts]}  # fmt: skip
+
+    tok = _Tok()
+    rng = np.random.default_rng(0)
+    words = ["jews", "muslims", "people", "are", "bad", "good", "here", "the", "gays", "women"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 7))).tolist()) for _ in range(48)]
+    swapped = [identity_counterfactual(t) for t in texts]
+    rows = sf.Rows(tok(texts, True, 16)["input_ids"], tok(swapped, True, 16)["input_ids"],
+                   [int(rng.random() < 0.5) for _ in texts], [int(mentions_identity(t)) for t in texts],
+                   [int(a != b) for a, b in zip(texts, swapped)], texts)  # fmt: skip
+    data = sf.Data(
+        rows.subset(range(32)), rows, rows.subset(range(32, 48)), rows.subset(range(32, 48)), 0.6, tok
+    )
+    args = argparse.Namespace(max_length=16, extra_epochs=1.0, lr=1e-3, prune_k=[2], attr_pairs=16,
+                              save_models=None)  # fmt: skip
+    erm = _tiny_bert()
+    run = sf.Runner(data, 0, erm, args)  # type: ignore[arg-type]
+    run.val["ERM"] = sf.evaluate(erm, data.val, data)  # type: ignore[arg-type]
+    steps: list[int] = []
+
+    train = sf.train
+
+    def counted(model: torch.nn.Module, loader: sf.Batches, epochs: float, *a: object, **k: object) -> None:
+        steps.append(round(epochs * len(loader)))  # the step count train() runs
+        train(model, loader, epochs, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sf, "train", counted)
+
+    def loader(name: str, r: sf.Rows) -> sf.Batches:
+        assert len(r) == 2 * len(data.train) and r.texts[:32] == data.train.texts
+        return sf.Batches(r, 4, PAD, seed=sf.method_seed(0, name))
+
+    sf.run_both(run, data, args, 0, loader)  # type: ignore[arg-type]
+    assert steps and all(s == len(sf.Batches(data.train, 4, PAD)) for s in steps)  # one epoch of steps each
+    assert len(steps) == 2 * len(sf.BOTH_LAMS)  # every lambda of both rows trained
+    for name in (sf.BOTH, sf.CLP_BOTH):
+        assert run.removed[name]["lambda"] in sf.BOTH_LAMS and name in run.results and name in run.val
+    assert len(run.removed[sf.BOTH]["heads"]) == 2 and "heads" not in run.removed[sf.CLP_BOTH]
+    assert sum(int((m == 0).sum()) for m in get_masks(erm).values()) == 0  # ERM itself untouched
