@@ -429,3 +429,28 @@ def test_run_both_trains_pruned_and_unpruned_copies_for_one_epoch_of_steps(
         assert run.removed[name]["lambda"] in sf.BOTH_LAMS and name in run.results and name in run.val
     assert len(run.removed[sf.BOTH]["heads"]) == 2 and "heads" not in run.removed[sf.CLP_BOTH]
     assert sum(int((m == 0).sum()) for m in get_masks(erm).values()) == 0  # ERM itself untouched
+
+
+def test_a_saved_repair_model_reloads_and_deletes_its_words_as_the_manifest_says(tmp_path: Path) -> None:
+    """The repair's deletion is an input hook, not a weight: after ``from_pretrained`` the manifest's token ids
+    and its ``inference`` line give back the repaired model's predictions exactly."""
+    from icp_lightning import mask_input_tokens
+
+    rows = _rows(24)
+    x = sf.inputs_of(sf.collate(rows, list(range(24)), PAD))
+    words = [(3,), (8, 9)]
+    model = _tiny_bert()
+    sf.repair(model, words, sf.Batches(rows, 8, PAD, seed=0), 0.5, 1e-3, PAD, seed=0)
+    tok = SimpleNamespace(pad_token_id=PAD, save_pretrained=lambda path: None)
+    removed = {"words": ["w"], "token_ids": [list(w) for w in words], "inference": sf.DELETE_NOTE}
+    sf.save_model(model, SimpleNamespace(tokenizer=tok), tmp_path, 0, sf.REPAIR, removed)  # type: ignore[arg-type]
+    folder = next((tmp_path / "seed0").iterdir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["method"] == sf.REPAIR and "mask_input_tokens" in manifest["removed"]["inference"]
+    loaded = transformers.BertForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert not torch.allclose(
+            loaded(**x).logits, model(**x).logits
+        )  # without the hook: not the same model
+        mask_input_tokens(loaded, [tuple(w) for w in manifest["removed"]["token_ids"]], PAD, mode="delete")
+        torch.testing.assert_close(loaded(**x).logits, model(**x).logits)
