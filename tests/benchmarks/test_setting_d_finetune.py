@@ -227,3 +227,63 @@ def test_lexicon_coverage_counts_by_hand() -> None:
         {"bias_type": "race", "target": "Ethiopian", "stereotype": "They are thin.", "anti-stereotype": "They are fat."},
     ]  # fmt: skip
     assert lexicon_coverage(items, m) == {"gender": [2, 1], "race": [1, 0], "religion": [1, 1]}
+
+
+def test_protected_ranking_subtracts_the_standardised_lm_effect(model: LlamaForCausalLM) -> None:
+    from benchmarks.setting_d_finetune import protected_ranking
+    from icp_lightning.core.effects import Effects
+
+    ffn = find_sites(model, target_modules=FFN)
+    g = torch.Generator().manual_seed(0)
+    swap = {n: torch.randn(ffn[n].n_features, generator=g) for n in ffn}
+    lm = {n: 5 * torch.randn(ffn[n].n_features, generator=g) for n in ffn}
+
+    def effects(values: dict[str, torch.Tensor]) -> Effects:
+        return Effects(values, {n: torch.ones(()) for n in values}, {"granularity": "neuron"})
+
+    flat_s = torch.cat([swap[n] for n in ffn]).double()
+    flat_l = torch.cat([lm[n] for n in ffn]).double()
+    ratio = float(flat_s.std() / flat_l.std())
+    expected = sorted(((float(swap[n][i]) - ratio * float(lm[n][i]), n, i) for n in ffn
+                       for i in range(ffn[n].n_features)), key=lambda t: -t[0])  # fmt: skip
+    got = protected_ranking(ffn, effects(swap), effects(lm))
+    assert [(n, i) for n, i, _ in got] == [(n, i) for _, n, i in expected]
+    # the top swap neuron, made the one the language needs most, leaves the top of the ranking
+    top = rank(swap)[0]
+    lm[top[0]][top[1]] = 100.0
+    assert protected_ranking(ffn, effects(swap), effects(lm))[0][:2] != top[:2]
+
+
+def test_lm_effects_match_gradient_times_activation_over_real_tokens(model: LlamaForCausalLM) -> None:
+    from benchmarks.setting_d_finetune import lm_batches, lm_effects
+
+    ffn = find_sites(model, target_modules=FFN)
+    sents = [_ids(a) for a, _ in PAIRS] + [_ids("he is")]
+    batches = lm_batches(sents, 2, pad_id=0)
+    assert batches[0]["labels"][1, -1] == -100 or len(sents[0]) == len(sents[1])
+    got = lm_effects(model, ffn, batches)
+    naive = {n: torch.zeros(ffn[n].n_features, dtype=torch.float64) for n in ffn}
+    for (
+        ids
+    ) in sents:  # one unpadded sentence at a time: d log p(sentence) / d h, times h, summed over positions
+        acts: dict[str, torch.Tensor] = {}
+        handles = []
+        for n in ffn:
+
+            def hook(
+                mod: torch.nn.Module, inp: tuple[torch.Tensor, ...], n: str = n, acts: dict = acts
+            ) -> None:
+                inp[0].retain_grad()
+                acts[n] = inp[0]
+
+            handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
+        x = torch.tensor([ids])
+        logp = model(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).sum()
+        model.zero_grad()
+        logp.backward()
+        for h in handles:
+            h.remove()
+        for n in ffn:
+            naive[n] += (acts[n] * acts[n].grad).sum(dim=(0, 1)).double() / len(sents)
+    for n in ffn:
+        torch.testing.assert_close(got[n].double(), naive[n], rtol=1e-4, atol=1e-6)
