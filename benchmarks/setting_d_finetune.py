@@ -725,6 +725,9 @@ def tune(d: Data, args: argparse.Namespace) -> dict[str, Any]:
 
 
 RANDOM = "random reweight + KL"
+#: Arguments that say which jobs a process ran, not how: a row added to a part may differ in these.
+RUN_ONLY_ARGS = ("quick", "seeds", "combine", "force", "tune", "save_models", "random", "out", "threads",
+                 "add_random", "add_protected")  # fmt: skip
 #: ICP with a score that also protects what the language model needs (added after ICP's row missed the
 #: perplexity target by 1 point; same k, factor, lambda and fine-tuning).
 PROTECTED = "ICP, LM-protected score (reweight + KL)"
@@ -1101,6 +1104,13 @@ def main() -> None:
         path = part_path(out, seed)
         if args.add_random or args.add_protected:
             part = json.loads(path.read_text())
+            differ = sorted(
+                k for k in part["args"] if k not in RUN_ONLY_ARGS and part["args"][k] != vars(args).get(k)
+            )
+            if differ:
+                raise SystemExit(
+                    f"{path} was run with other arguments: {differ}; a row added to it must match"
+                )
             for flag, name, add in (
                 (args.add_random, RANDOM, add_random),
                 (args.add_protected, PROTECTED, add_protected),
