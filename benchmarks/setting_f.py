@@ -455,6 +455,19 @@ def prune_heads(model: torch.nn.Module, sites: Any, scores: Any, k: int) -> list
     return chosen
 
 
+def prune_candidates(erm: torch.nn.Module, scores: dict[str, Any], data: Data, args: argparse.Namespace,
+                     ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Val metrics of ``erm`` with the top k heads pruned, for each score (``pairs``, ``contrast``) and each k of
+    ``--prune-k``, keyed ``"score:k"``: the candidates every ICP row chooses from."""
+    cands: dict[str, dict[str, float]] = {}
+    for kind in ("pairs", "contrast"):
+        for k in args.prune_k:
+            m = copy.deepcopy(erm)
+            prune_heads(m, scores["sites"], scores[kind], k)
+            cands[f"{kind}:{k}"] = evaluate(m, data.val, data)
+    return cands
+
+
 def select(cands: dict[str, dict[str, float]], erm_val: dict[str, float], key: str = "prob_change") -> str:
     """The candidate with the smallest val ``key`` among those within 1 point of ERM's val accuracy (the most
     accurate candidate when none is)."""
@@ -651,13 +664,10 @@ def run_deletion(run: Runner, data: Data, args: argparse.Namespace, seed: int,
     tok = data.tokenizer
     dele = dataclasses.replace(data, train=deletion_rows(data.train, tok, args.max_length))
     scores = icp_scores(run.erm, dele, args, seed)
-    cands: dict[str, dict[str, float]] = {}
-    for kind in ("pairs", "contrast"):
-        for k in args.prune_k:
-            m = copy.deepcopy(run.erm)
-            prune_heads(m, scores["sites"], scores[kind], k)
-            row = evaluate(m, data.val, data)
-            cands[f"{kind}:{k}"] = dict(row, abs_gap=abs(row["fpr_gap"]))
+    cands = {
+        n: dict(row, abs_gap=abs(row["fpr_gap"]))
+        for n, row in prune_candidates(run.erm, scores, data, args).items()
+    }
     choice = select(cands, run.val["ERM"], key="abs_gap")
     t_attr = time.perf_counter() - t0
     kind, k = choice.split(":")[0], int(choice.split(":")[1])
@@ -713,12 +723,7 @@ def run_both(run: Runner, data: Data, args: argparse.Namespace, seed: int,
     both = both_pairs(data.train, data.tokenizer, args.max_length)
     epochs = args.extra_epochs * len(data.train) / len(both)
     scores = icp_scores(run.erm, dataclasses.replace(data, train=both), args, seed)
-    cands: dict[str, dict[str, float]] = {}
-    for kind in ("pairs", "contrast"):
-        for k in args.prune_k:
-            m = copy.deepcopy(run.erm)
-            prune_heads(m, scores["sites"], scores[kind], k)
-            cands[f"{kind}:{k}"] = evaluate(m, data.val, data)
+    cands = prune_candidates(run.erm, scores, data, args)
     choice = select_gap_flip({"ERM": run.val["ERM"], **cands}, list(cands))
     kind, k = choice.split(":")[0], int(choice.split(":")[1])
     t_attr = time.perf_counter() - t0
@@ -829,12 +834,7 @@ def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None =
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         scores = icp_scores(erm, data, args, seed)
-        cands: dict[str, dict[str, float]] = {}
-        for kind in ("pairs", "contrast"):
-            for k in args.prune_k:
-                m = copy.deepcopy(erm)
-                prune_heads(m, scores["sites"], scores[kind], k)
-                cands[f"{kind}:{k}"] = evaluate(m, data.val, data)
+        cands = prune_candidates(erm, scores, data, args)
         choice = select(cands, run.val["ERM"])
     t_attr = time.perf_counter() - t0
     kind, k = choice.split(":")[0], int(choice.split(":")[1])
