@@ -37,6 +37,10 @@ budget; every method seeds its own generators, so a row does not depend on which
 - ICP deletion (:func:`run_deletion`): attribution and KL on x vs x with its identity words deleted (mention vs
   no mention), k and score on val by |FPR gap|; and CLP on the same deletion pairs (no pruning). Added after the
   other rows were seen (``--update NOTE --add deletion``), so not a candidate of "ICP (val-selected)".
+- ICP both pairs (:func:`run_both`): every training sentence paired with its swap and with its deletion, for
+  attribution and the KL epoch (the same steps), k and score on val, lambda among :data:`BOTH_LAMS` on val
+  (:func:`fit_lambda`); and CLP on both pairs (no pruning, lambda on val the same way). Added after the other rows
+  were seen (``--update NOTE --add both``), so not a candidate of "ICP (val-selected)".
 
 Run ``python -m benchmarks.setting_f --threads 1`` (5 seeds; each seed's part is written atomically to
 ``benchmarks/results/parts/setting_f/``, finished seeds are skipped unless ``--force``), ``--combine`` (rebuild
