@@ -1156,11 +1156,26 @@ def _nq_caveat(rows: Mapping[str, Any]) -> list[str]:
     ]
 
 
+#: Arguments that say what was run: the report's command names those that differ from the defaults.
+COMMAND_ARGS = ("train", "train_pool", "val", "eval", "passage_words", "epochs", "parts", "out")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that gives the report: ``--quick``, or the sizes and folders that differ from the defaults."""
+    if args.quick:
+        return "python -m benchmarks.factual_qa --quick"
+    defaults = vars(parse([]))
+    flags = [
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in COMMAND_ARGS if getattr(args, k) != defaults[k]
+    ]
+    return " ".join(["python -m benchmarks.factual_qa", *flags])
+
+
 def _markdown(
     summary: Mapping[str, Any], checks: Mapping[str, Any], costs: Mapping[str, Any],
     rows: Mapping[str, Any], args: argparse.Namespace,
 ) -> list[str]:  # fmt: skip
-    command = "python -m benchmarks.factual_qa" + (" --quick" if args.quick else "")
+    command = _command(args)
     lines = [
         "# Factual reliability in QA: SmolLM2-135M-Instruct, BoolQ (ID titles / OOD topic) and NQ-open",
         "",

@@ -321,3 +321,14 @@ def test_nq_probe_scores_the_answers_of_each_prompt_like_a_naive_loop(model: Lla
         assert r["exact_match"] == pytest.approx(sum(exact_match(t, a) for t, a in zip(texts, answers)) / 3)
         assert r["empty"] == sum(not t for t in texts) and r["examples"] == texts[:3]
     assert max(r["contains"] for r in rows) >= 1 / 3 and max(r["exact_match"] for r in rows) >= 1 / 3
+
+
+def test_the_report_command_names_the_sizes_and_folders_that_differ_from_the_defaults() -> None:
+    from benchmarks.factual_qa import _command, parse
+
+    assert _command(parse([])) == "python -m benchmarks.factual_qa"
+    assert _command(parse(["--quick"])) == "python -m benchmarks.factual_qa --quick"
+    got = _command(
+        parse(["--train", "512", "--train-pool", "768", "--parts", "x/parts", "--out", "x", "--seeds", "1"])
+    )
+    assert got == "python -m benchmarks.factual_qa --train 512 --train-pool 768 --parts x/parts --out x"
