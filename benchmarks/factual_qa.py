@@ -103,6 +103,8 @@ from icp_lightning.metrics.qa import (  # noqa: E402
 
 MAIN_METHODS = ("LoRA", "LoRA + TS", "random prune", "ICP", "ICP + TS")
 ABLATIONS = ("ICP prune, no KL", "LoRA + KL, no prune", "ICP unsupported-only score")
+#: Methods whose temperature-scaled twin (one temperature fitted on validation, stored in every part) is a row.
+WITH_TS = ("LoRA", "ICP", "LoRA + KL, no prune")
 #: Targets of the issue, against LoRA: hallucination and ECE down by at least this share ...
 TARGET_DROP = 0.25
 #: ... ID accuracy within this many points, OOD accuracy up; >= this many seeds of 5 for paired claims.
@@ -991,7 +993,7 @@ def load_parts(parts_dir: Path) -> tuple[dict[str, Any] | None, dict[str, dict[i
             continue
         seed = int(part["seed"])
         rows.setdefault(part["method"], {})[seed] = _variant(part, False)
-        if part["method"] in ("LoRA", "ICP"):
+        if part["method"] in WITH_TS:
             rows.setdefault(f"{part['method']} + TS", {})[seed] = _variant(part, True)
     return zero, rows
 
@@ -1082,10 +1084,11 @@ def write_report(args: argparse.Namespace) -> None:
     all_rows = dict(rows)
     if zero is not None:
         all_rows["zero-shot"] = {0: _variant(zero, False)}
-    order = ["zero-shot", *MAIN_METHODS, *ABLATIONS]
+    order = ["zero-shot", *MAIN_METHODS, *ABLATIONS, "LoRA + KL, no prune + TS"]
     all_rows = {m: all_rows[m] for m in order if m in all_rows}
     summary = summarise(all_rows)
-    checks = {m: targets(rows, m) for m in ("ICP", "ICP + TS", *ABLATIONS) if m in rows and "LoRA" in rows}
+    checks = {m: targets(rows, m) for m in ("ICP", "ICP + TS", *ABLATIONS, "LoRA + KL, no prune + TS")
+              if m in rows and "LoRA" in rows}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     costs = _costs(zero, rows)

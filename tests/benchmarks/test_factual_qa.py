@@ -332,3 +332,22 @@ def test_the_report_command_names_the_sizes_and_folders_that_differ_from_the_def
         parse(["--train", "512", "--train-pool", "768", "--parts", "x/parts", "--out", "x", "--seeds", "1"])
     )
     assert got == "python -m benchmarks.factual_qa --train 512 --train-pool 768 --parts x/parts --out x"
+
+
+def test_load_parts_reads_the_temperature_scaled_twins_from_their_base_parts(tmp_path: Path) -> None:
+    from benchmarks.factual_qa import WITH_TS, load_parts
+
+    for i, method in enumerate(["LoRA", "ICP", "LoRA + KL, no prune", "random prune"]):
+        part = {
+            "method": method,
+            "seed": 3,
+            "metrics": {"id": {"ece": 0.1 + i}},
+            "metrics_ts": {"id": {"ece": 0.01 + i}},
+        }
+        (tmp_path / f"seed3_{i}.json").write_text(json.dumps(part))
+    _, rows = load_parts(tmp_path)
+    assert set(rows) == {"LoRA", "ICP", "LoRA + KL, no prune", "random prune"} | {
+        f"{m} + TS" for m in WITH_TS
+    }
+    assert rows["LoRA + KL, no prune + TS"][3]["metrics"]["id"]["ece"] == pytest.approx(2.01)
+    assert rows["LoRA + KL, no prune"][3]["metrics"]["id"]["ece"] == pytest.approx(2.1)
