@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import parse_args
+from benchmarks.common import differing_args, parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1425,10 +1425,9 @@ def main() -> None:
                 if not args.only or not part.exists():
                     raise SystemExit(f"--update needs --only and an existing full part {part}")
                 old = json.loads(part.read_text())
-                differ = {k for k in set(old["args"]) | set(saved)
-                          if k not in ("settings", "seeds", "threads") and old["args"].get(k) != saved.get(k)}  # fmt: skip
+                differ = differing_args(old["args"], saved, ("settings", "seeds", "threads"))
                 if differ:
-                    raise SystemExit(f"--update: {part} was run with other arguments: {sorted(differ)}")
+                    raise SystemExit(f"--update: {part} was run with other arguments: {differ}")
                 res = run_seed(setting, seed, args, args.only)
                 _write_part(part, update_part(old, res, args.only, args.update))
                 continue

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from benchmarks.common import parse_args
+from benchmarks.common import method_slug, parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -239,8 +239,7 @@ def save_edited(model: torch.nn.Module, sites: Sites, values: Mapping[str, torch
     method, seed, setting and the scaled FFN neurons per site, in ``root/seed<seed>/<method>``."""
     from icp_lightning import apply_masks, make_permanent
 
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    out = root / f"seed{seed}" / slug
+    out = root / f"seed{seed}" / method_slug(name)
     out.mkdir(parents=True, exist_ok=True)
     copy_ = copy.deepcopy(model)
     scaled: dict[str, dict[str, Any]] = {}

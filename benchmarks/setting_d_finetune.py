@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import parse_args
+from benchmarks.common import differing_args, method_slug, parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -603,8 +603,7 @@ def save_model(
     model: torch.nn.Module, d: Data, root: Path, seed: int, name: str, manifest: dict[str, Any]
 ) -> None:
     """``save_pretrained`` (LoRA merged, reweighting folded), tokenizer and ``manifest.json`` in ``root/seed/slug``."""
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    out = root / str(seed) / slug
+    out = root / str(seed) / method_slug(name)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # type: ignore[operator]
     d.tokenizer.save_pretrained(out)
@@ -1104,9 +1103,7 @@ def main() -> None:
         path = part_path(out, seed)
         if args.add_random or args.add_protected:
             part = json.loads(path.read_text())
-            differ = sorted(
-                k for k in part["args"] if k not in RUN_ONLY_ARGS and part["args"][k] != vars(args).get(k)
-            )
+            differ = differing_args(part["args"], vars(args), RUN_ONLY_ARGS)
             if differ:
                 raise SystemExit(
                     f"{path} was run with other arguments: {differ}; a row added to it must match"

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import parse_args
+from benchmarks.common import differing_args, method_slug, parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -647,8 +647,7 @@ def save_model(model: torch.nn.Module, data: Data, root: Path, seed: int, name: 
     """``save_pretrained`` of a copy with its masks folded in (``make_permanent``), tokenizer, ``manifest.json``."""
     from icp_lightning import make_permanent
 
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    out = root / f"seed{seed}" / slug
+    out = root / f"seed{seed}" / method_slug(name)
     out.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model)
     make_permanent(model)
@@ -1216,10 +1215,9 @@ def main() -> None:
                 if not path.exists():
                     raise SystemExit(f"--update needs an existing full part {path}")
                 old = json.loads(path.read_text())
-                differ = {k for k in set(old["args"]) | set(vars(args)) if k not in RUN_ONLY_ARGS
-                          and old["args"].get(k) != vars(args).get(k)}  # fmt: skip
+                differ = differing_args(old["args"], vars(args), RUN_ONLY_ARGS)
                 if differ:
-                    raise SystemExit(f"--update: {path} was run with other arguments: {sorted(differ)}")
+                    raise SystemExit(f"--update: {path} was run with other arguments: {differ}")
                 write_atomic(path, json.dumps(merge_rows(old, run_seed(seed, args, only=tuple(args.add)), args.update),
                                               indent=1, default=str))  # fmt: skip
                 continue
