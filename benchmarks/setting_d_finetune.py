@@ -612,6 +612,19 @@ def save_model(
     )
 
 
+def reweighted_lora(d: Data, values: Mapping[str, torch.Tensor] | None, batches: list[dict[str, torch.Tensor]],
+                    objective: Objective, args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, list[float]]:  # fmt: skip
+    """Every trained method's steps: a copy of the unedited model, ``values`` installed on its FFN neurons (none:
+    unedited), a LoRA adapter (seeded by ``seed``) fine-tuned on ``batches`` with ``objective``, then merged.
+    Returns the merged model and the losses."""
+    model = copy.deepcopy(d.model)
+    if values is not None:
+        apply_masks(model, find_sites(model, target_modules=FFN_SITES), values)
+    peft = add_lora(model, args.lora_rank, seed)
+    losses = finetune(peft, batches, objective, args.lr)
+    return peft.merge_and_unload(), losses  # type: ignore[operator]
+
+
 def run_seed(seed: int, d: Data, args: argparse.Namespace, dev_only: bool = False) -> dict[str, Any]:
     """Every method for one seed: final numbers (or, with ``dev_only``, only what choices may read)."""
     plan = plan_seed(d, seed, args)
@@ -644,15 +657,10 @@ def run_seed(seed: int, d: Data, args: argparse.Namespace, dev_only: bool = Fals
                 manifest: dict[str, Any] | None = None) -> None:  # fmt: skip
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            model = copy.deepcopy(d.model)
-            if values is not None:
-                apply_masks(model, find_sites(model, target_modules=FFN_SITES), values)
-            peft = add_lora(model, args.lora_rank, seed)
-            losses = finetune(peft, batches, objective, args.lr)
-            merged = peft.merge_and_unload()  # type: ignore[operator]
+            merged, losses = reweighted_lora(d, values, batches, objective, args, seed)
         extra[f"{name}: losses"] = [losses[0], losses[-1]]
         finish(name, merged, pre_s + time.perf_counter() - t0, mem.peak, manifest or {})
-        del merged, peft, model
+        del merged
 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -709,13 +717,8 @@ def tune(d: Data, args: argparse.Namespace) -> dict[str, Any]:
         for name, values in (("ICP", prune_values(d.ffn, ranking, args.k, args.factor)), ("KL", None)):
             if name == "KL" and not args.tune_kl:
                 continue
-            model = copy.deepcopy(d.model)
-            if values is not None:
-                apply_masks(model, find_sites(model, target_modules=FFN_SITES), values)
-            peft = add_lora(model, args.lora_rank, 0)
             t0 = time.perf_counter()
-            losses = finetune(peft, batches, kl_objective(lam), args.lr)
-            merged = peft.merge_and_unload()  # type: ignore[operator]
+            merged, losses = reweighted_lora(d, values, batches, kl_objective(lam), args, 0)
             r = evaluate_dev(merged, d, args, plan.select_idx)
             r.update(seconds=time.perf_counter() - t0, loss_first=losses[0], loss_last=losses[-1])
             out[f"{name} k={args.k} factor={args.factor} lam={lam} lr={args.lr}"] = r
@@ -780,11 +783,7 @@ def add_row(seed: int, d: Data, args: argparse.Namespace, part: dict[str, Any], 
     batches = train_batches([(d.ids(x), d.ids(y)) for x, y in plan.train], args.train_batch, d.pad_id)
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        model = copy.deepcopy(d.model)
-        apply_masks(model, find_sites(model, target_modules=FFN_SITES), values)
-        peft = add_lora(model, args.lora_rank, seed)
-        losses = finetune(peft, batches, kl_objective(args.lam), args.lr)
-        merged = peft.merge_and_unload()  # type: ignore[operator]
+        merged, losses = reweighted_lora(d, values, batches, kl_objective(args.lam), args, seed)
     seconds = pre_s + time.perf_counter() - t0
     t1 = time.perf_counter()
     part["results"][name] = r = evaluate(merged, d, args, plan.eval_idx)
@@ -976,15 +975,16 @@ def report(s: Mapping[str, Any]) -> str:
               "lower is better; lms and ICAT: higher is better; perplexity and BOLD gap: lower is better); "
               f"better on k of {n} seeds:", "",
               "| baseline | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]  # fmt: skip
-    for base, row in s["paired"].items():
-        lines.append(f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})"
-                                                   for m in METRICS) + " |")  # fmt: skip
+
+    def paired_rows(table: Mapping[str, Any]) -> list[str]:
+        return [f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})" for m in METRICS)
+                + " |" for base, row in table.items()]  # fmt: skip
+
+    lines += paired_rows(s["paired"])
     if s.get("paired_protected"):
         lines += ["", f"The same, {PROTECTED} minus baseline:", "",
                   "| baseline | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]  # fmt: skip
-        for base, row in s["paired_protected"].items():
-            lines.append(f"| {base} | " + " | ".join(f"{row[m]['mean']:+.2f} ({row[m]['better_seeds']}/{n})"
-                                                       for m in METRICS) + " |")  # fmt: skip
+        lines += paired_rows(s["paired_protected"])
     lines += ["", "Per seed (CrowS ss % / StereoSet ss % / ICAT / perplexity):", "",
               "| method | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |", "|---|" + "---|" * n]  # fmt: skip
     for name, row in s["table"].items():
