@@ -472,6 +472,12 @@ def prune_candidates(erm: torch.nn.Module, scores: dict[str, Any], data: Data, a
     return cands
 
 
+def split_choice(choice: str) -> tuple[str, int]:
+    """A key of :func:`prune_candidates`, ``"score:k"``, as ``(score, k)``."""
+    kind, k = choice.split(":")
+    return kind, int(k)
+
+
 def select(cands: dict[str, dict[str, float]], erm_val: dict[str, float], key: str = "prob_change") -> str:
     """The candidate with the smallest val ``key`` among those within 1 point of ERM's val accuracy (the most
     accurate candidate when none is)."""
@@ -673,7 +679,7 @@ def run_deletion(run: Runner, data: Data, args: argparse.Namespace, seed: int,
     }
     choice = select(cands, run.val["ERM"], key="abs_gap")
     t_attr = time.perf_counter() - t0
-    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    kind, k = split_choice(choice)
     print(f"F seed {seed} deletion choice on val: {choice} ({t_attr:.0f}s)", flush=True)
 
     def icp(m: torch.nn.Module) -> None:
@@ -728,7 +734,7 @@ def run_both(run: Runner, data: Data, args: argparse.Namespace, seed: int,
     scores = icp_scores(run.erm, dataclasses.replace(data, train=both), args, seed)
     cands = prune_candidates(run.erm, scores, data, args)
     choice = select_gap_flip({"ERM": run.val["ERM"], **cands}, list(cands))
-    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    kind, k = split_choice(choice)
     t_attr = time.perf_counter() - t0
     print(f"F seed {seed} both-pairs choice on val: {choice} ({t_attr:.0f}s)", flush=True)
 
@@ -840,7 +846,7 @@ def run_seed(seed: int, args: argparse.Namespace, only: tuple[str, ...] | None =
         cands = prune_candidates(erm, scores, data, args)
         choice = select(cands, run.val["ERM"])
     t_attr = time.perf_counter() - t0
-    kind, k = choice.split(":")[0], int(choice.split(":")[1])
+    kind, k = split_choice(choice)
     run.costs["ICP attribution + choice of k and score on val"] = {"seconds": t_attr, "peak_rss_mb": mem.peak}
     print(f"F seed {seed} ICP choice on val: {choice} ({t_attr:.0f}s)", flush=True)
 
