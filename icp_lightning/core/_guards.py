@@ -87,24 +87,72 @@ def _masked_modules(model: nn.Module, warn: bool = True) -> list[tuple[str, nn.M
     if stray and warn:
         warnings.warn(
             f"masks sit on PEFT base layers {stray} (applied before get_peft_model): the adapter path reads the "
-            "unmasked input until apply_masks or enforce_masks moves them to the adapter wrappers",
+            "unmasked input until the next forward (or apply_masks / enforce_masks) moves them to the adapter "
+            "wrappers",
             stacklevel=3,
         )
     return found
 
 
+def _adopt(wrapper: nn.Module) -> bool:
+    """Move the guard of ``wrapper.base_layer`` to the LoRA ``wrapper`` and zero its adapters' pruned columns.
+
+    Returns whether it moved (not for non-LoRA wrappers, LoRA variants or FSDP1 flat adapter weights)."""
+    base = getattr(wrapper, "base_layer", None)
+    if not isinstance(base, nn.Module) or not _has_mask(base) or _has_mask(wrapper):
+        return False
+    if not _is_lora(wrapper) or getattr(wrapper, "lora_variant", None):
+        return False
+    if any(a.weight.ndim != 2 for a in wrapper.lora_A.values()):  # type: ignore[union-attr,operator]
+        return False
+    mask = base._buffers[MASK_BUFFER]
+    assert mask is not None
+    _uninstall(base)
+    _install(wrapper, mask)
+    _scale_columns(wrapper, _column_values(wrapper, _guard(mask)), base=False)
+    return True
+
+
 def _relocate_stray(model: nn.Module) -> None:
     """Move masks from PEFT ``base_layer`` modules to their LoRA wrappers and zero the adapters' columns."""
     modules = named_modules(model)
-    for name, module in _masked_modules(model, warn=False):
-        parent = modules.get(name[: -len(".base_layer")]) if name.endswith(".base_layer") else None
-        if parent is None or not _is_lora(parent) or getattr(parent, "lora_variant", None):
+    for name, _ in _masked_modules(model, warn=False):
+        wrapper = modules.get(name[: -len(".base_layer")]) if name.endswith(".base_layer") else None
+        if wrapper is not None:
+            _adopt(wrapper)
+
+
+def _adopt_pre_hook(parent: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on the parent of a masked plain layer: if PEFT has wrapped that layer since the masks
+    were applied (``get_peft_model`` after ``apply_masks``), move the guard to the LoRA wrapper before the
+    wrapper runs, so the adapter path reads the pruned input from the first forward on (its ``lora_A`` columns
+    get no gradient and a later ``merge_and_unload`` keeps the pruning). A few attribute reads otherwise."""
+    for child in parent._modules.values():
+        if child is not None and _is_wrapped_linear(child) and not _has_mask(child):
+            _adopt(child)
+
+
+def _is_adopt_hook(hook: object) -> bool:
+    return hook is _adopt_pre_hook or (
+        getattr(hook, "__name__", None) == "_adopt_pre_hook" and getattr(hook, "__module__", None) == __name__
+    )
+
+
+def _watch_parents(model: nn.Module) -> None:
+    """Put :func:`_adopt_pre_hook` (once) on every module with a masked plain linear child."""
+    for parent in model.modules():
+        if not any(_has_mask(c) and not _is_wrapped_linear(c) for c in parent.children()):
             continue
-        mask = module._buffers[MASK_BUFFER]
-        assert mask is not None
-        _uninstall(module)
-        _install(parent, mask)
-        _scale_columns(parent, _column_values(parent, _guard(mask)), base=False)
+        if not any(_is_adopt_hook(h) for h in parent._forward_pre_hooks.values()):
+            parent.register_forward_pre_hook(_adopt_pre_hook)
+
+
+def _unwatch_parents(model: nn.Module) -> None:
+    """Remove every :func:`_adopt_pre_hook` from ``model`` (by identity of the function)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if _is_adopt_hook(hook):
+                del module._forward_pre_hooks[key]
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor:

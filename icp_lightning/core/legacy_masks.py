@@ -21,6 +21,7 @@ from icp_lightning.core._guards import (
     _masked_modules,
     _scale_,
     _uninstall,
+    _watch_parents,
 )
 from icp_lightning.core.sites import in_features_of, is_linear, named_modules
 
@@ -69,6 +70,7 @@ def load_masks_state(
     result = model.load_state_dict(plain, strict=strict)
     for name, value in wanted.items():
         _install(modules[name], value)
+    _watch_parents(model)
     return result
 
 

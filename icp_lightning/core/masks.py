@@ -36,8 +36,11 @@ arithmetic live in :mod:`icp_lightning.core._guards`.
 Other properties:
     * PEFT LoRA: masks are put on the adapter *wrapper* that ``find_sites`` returns, so the base path and the
       adapter path ``lora_B(lora_A(dropout(h)))`` both read the guarded input. A mask put on a plain
-      ``nn.Linear`` that PEFT later wraps (masks applied before ``get_peft_model``) is moved to the wrapper by
-      the next :func:`apply_masks` / :func:`enforce_masks` call, which also zeroes the new ``lora_A`` columns.
+      ``nn.Linear`` that PEFT later wraps (masks applied before ``get_peft_model``) moves to the wrapper at the
+      first forward after the wrapping: a pre-hook on the layer's parent module (installed with the mask)
+      sees the wrapper before it runs, moves the guard and zeroes the new ``lora_A`` columns. So a plain
+      training loop that never calls icp_lightning again, then ``merge_and_unload()``, keeps the pruning.
+      :func:`apply_masks`, :func:`enforce_masks` and :func:`make_permanent` move such masks too.
     * DDP replicates the fold; FSDP2 (``fully_shard``, DTensor parameters) folds shard by shard (every rank
       calls); FSDP1 (``FullyShardedDataParallel``, flat parameters) must fold inside
       ``FullyShardedDataParallel.summon_full_params(model, writeback=True)`` (the callbacks do).
@@ -91,6 +94,8 @@ from icp_lightning.core._guards import (  # _mask_pre_hook, GUARD_BUFFER: import
     _relocate_stray,
     _scale_columns,
     _uninstall,
+    _unwatch_parents,
+    _watch_parents,
     _weight_of,
     _zero_optimizer_state,
 )
@@ -241,6 +246,7 @@ def apply_masks(
         _scale_columns(module, _column_values(module, factor))
         _zero_optimizer_state(module, _column_values(module, _guard(value)), optimizers)
         _install(module, value)
+    _watch_parents(model)
 
 
 def enforce_masks(model: nn.Module) -> None:
@@ -324,6 +330,7 @@ def restore_masks(
             installed[name] = value
     for name, value in installed.items():
         _install(sites[name].module, value)
+    _watch_parents(model)
     if rezero:
         enforce_masks(model)
     return installed
@@ -368,6 +375,7 @@ def remove_masks(model: nn.Module) -> None:
     """
     for _, module in _masked_modules(model, warn=False):
         _uninstall(module)
+    _unwatch_parents(model)
 
 
 @contextmanager
@@ -402,6 +410,7 @@ def temporary_masks(
         modules = named_modules(model)
         for name, mask in masks.items():
             _install(modules[name], mask)
+        _watch_parents(model)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -484,6 +493,7 @@ def make_permanent(model: nn.Module) -> None:
     enforce_masks(model)
     for _, module in masked:
         _uninstall(module)
+    _unwatch_parents(model)
 
 
 @contextmanager
@@ -518,3 +528,4 @@ def masks_folded(model: nn.Module) -> Iterator[bool]:
     finally:
         for name, mask in masks.items():
             _install(modules[name], mask)
+        _watch_parents(model)

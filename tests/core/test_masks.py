@@ -358,6 +358,35 @@ def test_lora_make_permanent_folds_lora_a_columns():
         assert site.module.base_layer.weight[:, zero].abs().sum() == 0
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_masks_applied_before_peft_wrapping_survive_training_and_merge(arch):
+    """Prune, then ``get_peft_model``, then a plain training loop that never calls our code, then merge: the
+    adapter path must read the pruned input from the first forward on, so the merged weights keep the pruning."""
+    model = tiny_model(arch)
+    batch = tiny_batch(arch)
+    sites = find_sites(model)
+    values = _random_values(sites, seed=9)  # hard zeros and ones
+    apply_masks(model, sites, values)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in sites.names})
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    wrapped.train()
+    for _ in range(3):  # B starts at zero: the first step moves B, the later ones A through B
+        optimizer.zero_grad()
+        wrapped(**_inputs(arch, batch)).logits.float().pow(2).mean().backward()
+        optimizer.step()
+    wrapped.eval()
+    out = _logits(wrapped, arch, batch)
+    merged = wrapped.merge_and_unload()
+    remove_masks(merged)  # no guard left: the weights alone must carry the pruning
+    assert not any(m._forward_pre_hooks for m in merged.modules())
+    for name, value in values.items():
+        layer = merged.get_submodule(name)
+        w = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+        assert w.detach()[:, sites[name].expand(value) == 0].abs().max() == 0, name
+    torch.testing.assert_close(_logits(merged, arch, batch), out, atol=1e-5, rtol=1e-4)
+
+
 def test_masks_applied_before_peft_wrapping_warn():
     model = tiny_model("bert")
     sites = find_sites(model)
