@@ -733,12 +733,24 @@ def build_context(args: argparse.Namespace, model_path: str | None = None) -> Co
     if saved is not None and len(cache.store) > n_before:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"path": path, "n_prefix": cache.n_prefix, "store": cache.store}, tmp)
+        kept = trimmed(cache.store, everything, int(args.prefix_cache_gb * 2**30))
+        torch.save({"path": path, "n_prefix": cache.n_prefix, "store": kept}, tmp)
         os.replace(tmp, saved)
     print(f"prefix cache: {len(cache.store)} prompts, layers 0-{suffix[0] - 1}, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     yes_id, no_id = _single_token(tokenizer, " yes"), _single_token(tokenizer, " no")
     return Context(path, tokenizer, base, yes_id, no_id, suffix, sites_pattern, cache, sets, nq, load_model)
+
+
+def trimmed(
+    store: Mapping[tuple[int, ...], torch.Tensor], keep: Sequence[Sequence[int]], max_bytes: int
+) -> dict[tuple[int, ...], torch.Tensor]:
+    """The prefix store to write to disk: all of it while it fits in ``max_bytes``, else only the entries of
+    ``keep`` (this run's prompts), so the file grows with one run's sets, not with every size ever run."""
+    if sum(t.nbytes for t in store.values()) <= max_bytes:
+        return dict(store)
+    wanted = {tuple(s) for s in keep}
+    return {k: v for k, v in store.items() if k in wanted}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1350,6 +1362,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--prefix-cache",
         default="~/.cache/icp_lightning/factual_qa_prefix.pt",
         help="file keeping the frozen layers' outputs between runs ('' : none)",
+    )
+    parser.add_argument(
+        "--prefix-cache-gb",
+        type=float,
+        default=2.0,
+        help="above this size the cache file keeps only the current run's prompts",
     )
     parser.add_argument("--save-models", default=None, help="write each final model here")
     parser.add_argument("--model-path", default=None, help="a local model folder instead of SmolLM2")

@@ -26,6 +26,7 @@ from benchmarks.factual_qa import (
     targets,
     top_k_values,
     train_lora,
+    trimmed,
     uniform_kl,
     yes_no_logodds,
     yes_no_logodds_batch,
@@ -69,6 +70,13 @@ def test_yes_no_logodds_match_one_prompt_at_a_time(model: LlamaForCausalLM) -> N
     got = yes_no_logodds(model, PROMPTS, YES, NO, batch_size=3)
     expected = torch.tensor([_naive_logodds(model, p) for p in PROMPTS], dtype=torch.float64)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_trimmed_keeps_everything_that_fits_else_only_this_runs_prompts() -> None:
+    store = {(1, 2): torch.zeros(2, 4), (3,): torch.zeros(1, 4), (5, 6, 7): torch.zeros(3, 4)}  # 32+16+48 B
+    assert trimmed(store, [[3]], max_bytes=96) == store
+    kept = trimmed(store, [[3], [5, 6, 7], [8]], max_bytes=95)
+    assert list(kept) == [(3,), (5, 6, 7)]
 
 
 def test_prefix_cache_gives_the_full_forward_and_passes_gradients(model: LlamaForCausalLM) -> None:
