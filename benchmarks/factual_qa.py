@@ -98,6 +98,7 @@ from icp_lightning.core.scores import spuriousness  # noqa: E402
 from icp_lightning.core.selection import select_masks  # noqa: E402
 from icp_lightning.core.sites import Sites, find_sites  # noqa: E402
 from icp_lightning.metrics.qa import (  # noqa: E402
+    calibrated_ece,
     contains_answer,
     exact_match,
     fit_temperature,
@@ -784,6 +785,7 @@ def boolq_metrics(
         conf = torch.maximum(p, 1 - p)
         correct = (p > 0.5) == y
         row = qa_reliability(conf, correct, threshold)
+        row["ece_floor"], row["ece_floor_sd"] = calibrated_ece(conf, draws=200)
         row["auroc_logodds"] = _auroc(logodds[name], y)
         row["yes_share"] = float((p > 0.5).double().mean())
         p_irr = torch.sigmoid(logodds[f"{name}_irrelevant"] / temperature)
@@ -1267,6 +1269,7 @@ def _markdown(
                 f"| {method} | {label} | {scale * p['mean']:+.3f} ± {scale * p['std']:.3f} | {rel} | "
                 f"{p['won']} / {len(p['seeds'])} | {'yes' if p['met'] else 'no'} |"
             )
+    lines += ["", ece_floor_line(rows)]
     lines += ["", "## Costs (mean per seed)", "", "| method | seconds | train s | eval s | attribution s | "
               "choose-k s | peak RSS MB | k per seed |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, c in costs.items():
@@ -1290,6 +1293,36 @@ def _markdown(
         "with a large fitted temperature makes every answer unconfident.",
     ]
     return lines
+
+
+def ece_floor_line(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
+    """What ECE differences mean at this size: the ECE a perfectly calibrated model shows on as many ID questions
+    (:func:`~icp_lightning.metrics.qa.calibrated_ece`): per row with its own confidences where the parts hold
+    them (``ece_floor``), else for confidences spread evenly over [0.5, 0.9]."""
+    sizes = {
+        r["part"]["metrics"]["id"]["n"] for seeds in rows.values() for r in seeds.values() if "part" in r
+    }
+    if len(sizes) != 1:
+        return f"ECE noise floor: not computed (ID set sizes {sorted(sizes)})."
+    n = sizes.pop()
+    own = {
+        method: [r["metrics"]["id"]["ece_floor"] for r in seeds.values()]
+        for method, seeds in rows.items()
+        if seeds and all("ece_floor" in r["metrics"]["id"] for r in seeds.values())
+    }
+    if own:
+        listed = "; ".join(f"{m} {statistics.mean(v):.3f}" for m, v in own.items())
+        return (
+            f"ECE noise floor: the ECE a perfectly calibrated model with each row's own ID confidences shows on "
+            f"these {n} questions (mean over seeds; 200 draws of which answers are right; `calibrated_ece`): "
+            f"{listed}. A row's ECE near its floor is as calibrated as this set's size can show."
+        )
+    mean, sd = calibrated_ece(torch.linspace(0.5, 0.9, n))
+    return (
+        f"ECE noise floor: a perfectly calibrated model whose confidences spread evenly over [0.5, 0.9] shows an "
+        f"ECE of {mean:.3f} ± {sd:.3f} on {n} ID questions (15 bins, 1000 draws of which answers are right; "
+        "`calibrated_ece`). ECE differences smaller than that spread are within what the set's size allows."
+    )
 
 
 def _round(obj: Any) -> Any:

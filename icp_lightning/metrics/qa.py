@@ -46,6 +46,7 @@ __all__ = [
     "HallucinationRate",
     "UnsupportedConfidentRate",
     "brier_score",
+    "calibrated_ece",
     "contains_answer",
     "exact_match",
     "fit_temperature",
@@ -274,6 +275,38 @@ def qa_reliability(
         "hallucination": float(hallucination_rate(confidence, correct, threshold)),
         "confident_share": float(unsupported_confident_rate(confidence, threshold)),
     }
+
+
+def calibrated_ece(
+    confidence: Tensor, n_bins: int = 15, draws: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Mean and standard deviation of the ECE that a *perfectly calibrated* model shows on a finite set.
+
+    ECE is biased upward on small sets: each bin's gap between accuracy and confidence is mostly sampling noise.
+    This is that floor for the given confidences: each answer is drawn right with probability equal to its
+    confidence (so the model is calibrated by construction), and the ECE (torchmetrics, ``n_bins`` bins, L1) is
+    averaged over ``draws`` draws. Two models whose ECE differ by less than about this spread on a set of this
+    size cannot be told apart by ECE.
+
+    Example:
+        >>> mean, sd = calibrated_ece(torch.full((96,), 0.7), draws=200)
+        >>> 0.02 < mean < 0.06  # one bin: E|k/96 - 0.7| with k ~ Binomial(96, 0.7), about 0.037
+        True
+    """
+    confidence = torch.as_tensor(confidence, dtype=torch.float32).flatten()
+    if confidence.numel() == 0 or not bool(((confidence >= 0) & (confidence <= 1)).all()):
+        raise ValueError("confidence must be a non-empty tensor of values in [0, 1]")
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2, got {draws}")
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor(
+        [
+            float(binary_calibration_error(confidence, (torch.rand(confidence.shape, generator=gen) < confidence)
+                                           .long(), n_bins=n_bins, norm="l1"))
+            for _ in range(draws)
+        ]
+    )  # fmt: skip
+    return float(values.mean()), float(values.std())
 
 
 def _nll(logits: Tensor, labels: Tensor, temperature: float) -> float:

@@ -16,6 +16,7 @@ from benchmarks.factual_qa import (
     _pad,
     attribution_batches,
     choose_k,
+    ece_floor_line,
     icp_scores,
     logodds_metric,
     lora_model,
@@ -70,6 +71,17 @@ def test_yes_no_logodds_match_one_prompt_at_a_time(model: LlamaForCausalLM) -> N
     got = yes_no_logodds(model, PROMPTS, YES, NO, batch_size=3)
     expected = torch.tensor([_naive_logodds(model, p) for p in PROMPTS], dtype=torch.float64)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_ece_floor_line_uses_each_rows_own_floor_else_a_spread() -> None:
+    def row(floor: float | None) -> dict:
+        ident = {"n": 96, **({"ece_floor": floor} if floor is not None else {})}
+        return {"metrics": {"id": ident}, "part": {"metrics": {"id": {"n": 96}}}}
+
+    own = ece_floor_line({"LoRA": {0: row(0.08), 1: row(0.1)}, "LoRA + TS": {0: row(0.05), 1: row(0.07)}})
+    assert "on these 96 questions" in own and "LoRA 0.090; LoRA + TS 0.060." in own
+    spread = ece_floor_line({"LoRA": {0: row(None)}})
+    assert "spread evenly over [0.5, 0.9]" in spread and "on 96 ID questions" in spread
 
 
 def test_trimmed_keeps_everything_that_fits_else_only_this_runs_prompts() -> None:

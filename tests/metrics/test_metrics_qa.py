@@ -13,6 +13,7 @@ from icp_lightning.metrics.qa import (
     HallucinationRate,
     UnsupportedConfidentRate,
     brier_score,
+    calibrated_ece,
     contains_answer,
     exact_match,
     fit_temperature,
@@ -126,6 +127,20 @@ def test_qa_reliability_matches_naive_ece_and_sklearn_auroc() -> None:
     assert out["hallucination"] == pytest.approx(_naive_hallucination(conf.tolist(), correct.tolist(), 0.75))
     assert out["confident_share"] == pytest.approx(float((conf > 0.75).double().mean()))
     assert math.isnan(qa_reliability(conf[:3], torch.tensor([True, True, True]))["auroc"])
+
+
+def test_calibrated_ece_matches_the_binomial_closed_form_in_one_bin() -> None:
+    # All confidences equal c (one bin): ECE = |k/n - c| with k ~ Binomial(n, c); its mean is a finite sum.
+    n, c = 96, 0.7
+    pmf = [math.comb(n, k) * c**k * (1 - c) ** (n - k) for k in range(n + 1)]
+    exact = sum(p * abs(k / n - c) for k, p in enumerate(pmf))
+    mean, sd = calibrated_ece(torch.full((n,), c), draws=2000)
+    assert abs(mean - exact) < 3 * sd / math.sqrt(2000) + 1e-3
+    # more answers, lower floor; bad input refused
+    conf = _data(480)[0].float()
+    assert calibrated_ece(conf, draws=200)[0] < calibrated_ece(conf[:96], draws=200)[0]
+    with pytest.raises(ValueError, match="values in"):
+        calibrated_ece(torch.tensor([1.5]))
 
 
 def test_fit_temperature_finds_the_nll_minimum_of_a_dense_grid() -> None:
