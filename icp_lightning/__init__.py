@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from icp_lightning.callbacks.refit import HeadRefitCallback
     from icp_lightning.callbacks.repair import TokenRepairCallback, choose_repair
     from icp_lightning.callbacks.report import ReliabilityReport
+    from icp_lightning.core.adapters import load_adapter, save_adapter
     from icp_lightning.core.attribution import AttributionConfig, attribute
     from icp_lightning.core.counterfactuals import (
         CounterfactualOutput,
@@ -69,6 +70,8 @@ _LAZY: dict[str, str] = {
     "TokenRepairCallback": "icp_lightning.callbacks.repair",
     "choose_repair": "icp_lightning.callbacks.repair",
     "ReliabilityReport": "icp_lightning.callbacks.report",
+    "load_adapter": "icp_lightning.core.adapters",
+    "save_adapter": "icp_lightning.core.adapters",
     "AttributionConfig": "icp_lightning.core.attribution",
     "attribute": "icp_lightning.core.attribution",
     "CounterfactualOutput": "icp_lightning.core.counterfactuals",
@@ -172,6 +175,7 @@ __all__ = [
     "find_sites",
     "get_masks",
     "intervene",
+    "load_adapter",
     "load_masks_state",
     "load_recipe",
     "load_slimmed",
@@ -184,6 +188,7 @@ __all__ = [
     "remove_input_tokens",
     "remove_masks",
     "restore_masks",
+    "save_adapter",
     "save_slimmed",
     "score_heatmap",
     "select_masks",

@@ -494,8 +494,9 @@ class ICPContrastiveModule(EvalSetsModule):
     def merge_and_export(self, path: str | Path, tokenizer: Any = None) -> Path:
         """Save a plain Hugging Face model to ``path`` (``save_pretrained``), LoRA adapters merged in.
 
-        The module keeps its adapters (a copy is merged). Pruning masks applied through forward hooks are not
-        part of the weights: fold them into the weights before exporting (see ``icp_lightning.core.masks``).
+        The module keeps its adapters (a copy is merged). The merged weights carry the pruning (pruned columns
+        are zero in the base weights and in every ``lora_A``; see ``icp_lightning.core.masks``). To share the
+        adapter alone, use :func:`icp_lightning.save_adapter`, which also writes the masks of the base.
 
         Args:
             path: output directory.

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from icp_lightning import CausalAttributionCallback, CausalPruningCallback
 from icp_lightning.core import masks as M
+from icp_lightning.core.adapters import load_adapter, save_adapter
 from icp_lightning.core.masks import apply_masks, get_masks
 from icp_lightning.core.sites import find_sites
 from tests.callbacks._helpers import TinyClassifier, one_thread, tiny_bert, trainer  # noqa: F401
@@ -103,6 +104,60 @@ def test_masks_applied_before_get_peft_model_still_survive_the_merge(batch):
     for name in sites.names:
         w = dict(merged.named_modules())[name].weight
         assert w.view(w.shape[0], 4, -1)[:, 1].abs().max() == 0
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_adapter_only_export_keeps_the_pruning(tmp_path, batch, when):
+    """PEFT's adapter-only save_pretrained drops the pruned base weights; save_adapter / load_adapter keep them.
+    Heads (hard and soft) and FFN neurons, masks applied after or before get_peft_model."""
+    cfg = peft.LoraConfig(
+        r=2, target_modules=["attention.output.dense", "output.dense"], init_lora_weights=False
+    )
+    model = tiny_bert()
+    if when == "before":
+        apply_masks(
+            model,
+            find_sites(model, granularity="head"),
+            _values(find_sites(model, granularity="head"), "soft"),
+        )
+        neurons = find_sites(model, target_modules=r".*layer\.\d+\.output\.dense")
+        apply_masks(model, neurons, _values(neurons, "hard"))
+        model = peft.get_peft_model(model, cfg)
+    else:
+        model = peft.get_peft_model(model, cfg)
+        heads = find_sites(model, granularity="head")
+        apply_masks(model, heads, _values(heads, "soft"))
+        neurons = find_sites(model, target_modules=r".*layer\.\d+\.output\.dense")
+        apply_masks(model, neurons, _values(neurons, "hard"))
+    save_adapter(
+        model, tmp_path / "icp"
+    )  # "before": the masks still sit on the LoRA base layers (no forward yet)
+    pruned = _logits(model, batch)
+    loaded = load_adapter(tiny_bert(), tmp_path / "icp")
+    torch.testing.assert_close(_logits(loaded, batch), pruned, atol=1e-6, rtol=1e-5)
+    # what the plain PEFT path gives: the adapter on an unpruned base, silently another model
+    model.save_pretrained(tmp_path / "plain")
+    plain = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "plain")
+    assert not torch.allclose(_logits(plain, batch), pruned, atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="not written by save_adapter"):
+        load_adapter(tiny_bert(), tmp_path / "plain")
+
+
+def test_save_adapter_refuses_a_pruned_model_without_guards(tmp_path, batch):
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["attention.output.dense"]))
+    heads = find_sites(model, granularity="head")
+    apply_masks(model, heads, _values(heads, "hard"))
+    pruned = _logits(model, batch)
+    M.make_permanent(model)
+    with pytest.raises(ValueError, match="all-zero input columns but no masks are installed"):
+        save_adapter(model, tmp_path / "a")
+    M.restore_masks(model, find_sites(model, granularity="head"))
+    save_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(
+        _logits(load_adapter(tiny_bert(), tmp_path / "a"), batch), pruned, atol=1e-6, rtol=1e-5
+    )
+    with pytest.raises(TypeError, match="needs a peft.PeftModel"):
+        save_adapter(tiny_bert(), tmp_path / "b")
 
 
 def test_state_dict_round_trip_and_restore_masks(batch):
