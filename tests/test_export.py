@@ -115,11 +115,8 @@ def test_adapter_only_export_keeps_the_pruning(tmp_path, batch, when):
     )
     model = tiny_bert()
     if when == "before":
-        apply_masks(
-            model,
-            find_sites(model, granularity="head"),
-            _values(find_sites(model, granularity="head"), "soft"),
-        )
+        heads = find_sites(model, granularity="head")
+        apply_masks(model, heads, _values(heads, "soft"))
         neurons = find_sites(model, target_modules=r".*layer\.\d+\.output\.dense")
         apply_masks(model, neurons, _values(neurons, "hard"))
         model = peft.get_peft_model(model, cfg)
@@ -129,9 +126,8 @@ def test_adapter_only_export_keeps_the_pruning(tmp_path, batch, when):
         apply_masks(model, heads, _values(heads, "soft"))
         neurons = find_sites(model, target_modules=r".*layer\.\d+\.output\.dense")
         apply_masks(model, neurons, _values(neurons, "hard"))
-    save_adapter(
-        model, tmp_path / "icp"
-    )  # "before": the masks still sit on the LoRA base layers (no forward yet)
+    # "before": the masks still sit on the LoRA base layers (no forward yet)
+    save_adapter(model, tmp_path / "icp")
     pruned = _logits(model, batch)
     loaded = load_adapter(tiny_bert(), tmp_path / "icp")
     torch.testing.assert_close(_logits(loaded, batch), pruned, atol=1e-6, rtol=1e-5)

@@ -128,7 +128,7 @@ def _adopt_pre_hook(parent: nn.Module, args: tuple) -> None:
     wrapper runs, so the adapter path reads the pruned input from the first forward on (its ``lora_A`` columns
     get no gradient and a later ``merge_and_unload`` keeps the pruning). A few attribute reads otherwise."""
     for child in parent._modules.values():
-        if child is not None and _is_wrapped_linear(child) and not _has_mask(child):
+        if child is not None:
             _adopt(child)
 
 

@@ -43,16 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from icp_lightning.core._guards import _weight_of
-from icp_lightning.core.masks import apply_masks, enforce_masks, get_masks
-from icp_lightning.core.sites import (
-    Sites,
-    find_sites,
-    in_features_of,
-    is_linear,
-    is_transposed,
-    named_modules,
-)
+from icp_lightning.core._guards import _is_wrapped_linear
+from icp_lightning.core.masks import _nonzero_features, apply_masks, enforce_masks, get_masks
+from icp_lightning.core.sites import Sites, find_sites, in_features_of, is_linear, named_modules
 
 __all__ = ["MASKS_FILE", "load_adapter", "save_adapter"]
 
@@ -74,18 +67,13 @@ def _require_peft(model: nn.Module) -> None:
 
 def _zero_column_layers(model: nn.Module) -> list[str]:
     """Linear layers (or LoRA base layers) with at least one all-zero input column."""
-    found = []
-    for name, module in named_modules(model).items():
-        if not (is_linear(module) or is_linear(getattr(module, "base_layer", None) or nn.Identity())):
-            continue
-        if name.endswith(".base_layer"):
-            continue  # counted through its wrapper
-        weight = _weight_of(module).detach()
-        layer = getattr(module, "base_layer", module)
-        cols = weight.abs().sum(dim=1 if is_transposed(layer) else 0)
-        if bool((cols == 0).any()):
-            found.append(name)
-    return found
+    return [
+        name
+        for name, module in named_modules(model).items()
+        if (is_linear(module) or _is_wrapped_linear(module))
+        and not name.endswith(".base_layer")  # counted through its wrapper
+        and not bool(_nonzero_features(module, in_features_of(module), lora=False).all())
+    ]
 
 
 def save_adapter(
@@ -109,9 +97,8 @@ def save_adapter(
             reload removed the guards): call ``restore_masks`` first, or pass ``masks``.
     """
     _require_peft(model)
-    enforce_masks(
-        model
-    )  # masks still on LoRA base layers move to the wrappers; pruned columns are exactly zero
+    # masks still on LoRA base layers move to the wrappers; pruned columns are exactly zero
+    enforce_masks(model)
     values = get_masks(model) if masks is None else {n: torch.as_tensor(v).float() for n, v in masks.items()}
     if not values:
         zero = _zero_column_layers(model)
